@@ -1,0 +1,62 @@
+"""Loads the native extension ``dalle3_fast._C`` if it was built.
+
+Import never fails because the extension is missing: the ops fall back to Triton
+and the PyTorch reference, and the live backends are reported once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("dalle3_fast")
+
+_C = None
+_load_error: str | None = None
+_reported = False
+
+if os.environ.get("DALLE3_FAST_NO_NATIVE") == "1":
+    _load_error = "DALLE3_FAST_NO_NATIVE=1 is set"
+else:
+    try:
+        import torch  # noqa: F401  (the extension links against torch's libraries)
+
+        from dalle3_fast import _C  # type: ignore[attr-defined,no-redef]
+    except ImportError as exc:  # not built: a pure-Python install
+        _C = None
+        _load_error = f"the native extension is not built ({exc}); reinstall with `make install`"
+
+
+def has_cpu_kernels() -> bool:
+    return _C is not None
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and bool(_C.has_cuda())
+
+
+def why_not(backend: str) -> str:
+    if backend == "cpu":
+        return _load_error or "unknown reason"
+    if backend == "cuda":
+        if _C is None:
+            return _load_error or "unknown reason"
+        if not _C.has_cuda():
+            return "the extension was built without CUDA (torch had no CUDA or nvcc was missing at build time)"
+        return "no CUDA device is visible"
+    if backend == "triton":
+        return "Triton is not importable, or there is no CUDA device (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
+    return ""
+
+
+def report_once() -> None:
+    """Log, once per process, which backends are live."""
+    global _reported
+    if _reported:
+        return
+    _reported = True
+    from dalle3_fast.ops.dispatch import available_backends
+
+    msg = "dalle3_fast backends live: " + ", ".join(available_backends())
+    if _C is None:
+        msg += f" ({_load_error})"
+    log.info(msg)

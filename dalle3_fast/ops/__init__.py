@@ -1,0 +1,84 @@
+"""The fused ops: the only door from models to kernels.
+
+    group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=None, shift=None, silu=True)
+    attention(q, k, v, *, scale=None)                      # (B, N, H, D), non-causal
+    cross_attention(q, k, v, key_lengths, *, scale=None)   # keys (B, L, H, D), L <= 512
+
+Every call is validated once here, then runs on the backend that ``dispatch.resolve``
+picks (or the one forced by ``use_backend``). The "reference" backend is plain
+PyTorch; the others are torch custom ops with their own backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from dalle3_fast import _native
+from dalle3_fast.ops import checks, reference
+from dalle3_fast.ops.dispatch import BACKENDS, available_backends, forced_backend, resolve, use_backend
+
+__all__ = [
+    "group_norm_silu", "attention", "cross_attention",
+    "use_backend", "available_backends", "forced_backend", "BACKENDS", "reference",
+]
+
+
+def _custom_ops():
+    from dalle3_fast.ops import custom_ops
+
+    return custom_ops
+
+
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=None, shift=None, silu=True):
+    """GroupNorm (statistics in fp32) [+ modulation] [+ SiLU] in one pass.
+
+    y = silu(GN(x + add) * (1 + scale) + shift), with GN's affine ``weight``/``bias``.
+    ``x`` is (B, C, H, W) contiguous or channels_last, or (B, C, L); ``add``, ``scale``,
+    ``shift`` are (B, C). The output keeps the memory format of ``x``.
+    """
+    checks.check_group_norm_silu(x, weight, bias, num_groups, eps, add, scale, shift)
+    C = x.shape[1]
+    if weight is None:
+        weight = x.new_ones(C)
+    if bias is None:
+        bias = x.new_zeros(C)
+    backend = resolve("group_norm_silu", x.device)
+    if backend == "reference":
+        return reference.group_norm_silu(x, weight, bias, num_groups, eps, add=add, scale=scale, shift=shift, silu=silu)
+    _native.report_once()
+    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+        x = x.contiguous()
+    y, _, _ = _custom_ops().group_norm_silu_fwd(
+        x, weight.contiguous(), bias.contiguous(),
+        None if add is None else add.contiguous(),
+        None if scale is None else scale.contiguous(),
+        None if shift is None else shift.contiguous(),
+        num_groups, float(eps), bool(silu), backend)
+    return y
+
+
+def _attention(op, q, k, v, key_lengths, scale):
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = resolve(op, q.device)
+    if backend == "reference":
+        return reference.cross_attention(q, k, v, key_lengths, scale=scale)
+    _native.report_once()
+    out, _ = _custom_ops().attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_lengths, scale, backend)
+    return out
+
+
+def attention(q, k, v, *, scale=None):
+    """Non-causal multi-head self-attention, flash-attn layout (B, N, H, D); scale defaults to D**-0.5."""
+    checks.check_attention("attention", q, k, v)
+    return _attention("attention", q, k, v, None, scale)
+
+
+def cross_attention(q, k, v, key_lengths, *, scale=None):
+    """Attention from q (B, N, H, D) to keys/values (B, L, H, D), L <= 512.
+
+    Keys at index >= key_lengths[b] (int32, (B,)) are ignored; a sample with length 0
+    gets zeros.
+    """
+    checks.check_attention("cross_attention", q, k, v, key_lengths)
+    if not isinstance(key_lengths, torch.Tensor):
+        raise ValueError("cross_attention: `key_lengths` must be an int32 tensor of shape (B,)")
+    return _attention("cross_attention", q, k, v, key_lengths.contiguous(), scale)

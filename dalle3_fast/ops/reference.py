@@ -1,0 +1,55 @@
+"""Plain PyTorch references for the fused ops: the ground truth, autograd for free.
+
+Statistics and softmax are computed in float32 (float64 when the input is
+float64) and the result is cast back to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=None, shift=None, silu=True):
+    B, C = x.shape[:2]
+    cdt = _compute_dtype(x.dtype)
+    per_channel = (B, C) + (1,) * (x.dim() - 2)
+    h = x.to(cdt)
+    if add is not None:
+        h = h + add.to(cdt).view(per_channel)
+    y = F.group_norm(h, num_groups, weight.to(cdt), bias.to(cdt), eps)
+    if scale is not None:
+        y = y * (1 + scale.to(cdt).view(per_channel))
+    if shift is not None:
+        y = y + shift.to(cdt).view(per_channel)
+    if silu:
+        y = F.silu(y)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        y = y.contiguous(memory_format=torch.channels_last)
+    return y.to(x.dtype)
+
+
+def cross_attention(q, k, v, key_lengths=None, *, scale=None):
+    """softmax(q k^T * scale) v over keys [0, key_lengths[b]); layout (B, N, H, D)."""
+    cdt = _compute_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+    s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
+    if key_lengths is None:
+        p = torch.softmax(s, dim=-1)
+    else:
+        L = k.shape[1]
+        mask = (torch.arange(L, device=q.device) < key_lengths.to(q.device).long()[:, None]).view(-1, 1, 1, L)
+        s = s.masked_fill(~mask, float("-inf"))
+        # A sample with no keys: give its rows finite scores, then zero them with the mask.
+        s = s.masked_fill((key_lengths == 0).to(q.device).view(-1, 1, 1, 1), 0.0)
+        p = torch.softmax(s, dim=-1) * mask
+    out = torch.matmul(p, vh)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def attention(q, k, v, *, scale=None):
+    return cross_attention(q, k, v, None, scale=scale)

@@ -1,0 +1,1 @@
+"""The networks of the recipe: VAE, U-Net, text encoder, captioner, latent decoder."""

@@ -1,0 +1,1 @@
+"""Layers built from dalle3_fast.ops."""

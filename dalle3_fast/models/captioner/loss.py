@@ -1,0 +1,42 @@
+"""CoCa's two objectives: CLIP InfoNCE between image and text embeddings, next-token cross-entropy."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (gradients flow back to their owners) and this rank's offset; identity off DDP."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+
+
+def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on L2-normalized (B, E) embeddings; ``logit_scale`` is the exp'd temperature.
+
+    Under torch.distributed the local rows are scored against every rank's batch (open_clip's
+    local loss with gathered features), so negatives span the global batch.
+    """
+    all_image, offset = _gather_with_grad(image_emb)
+    all_text, _ = _gather_with_grad(text_emb)
+    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+    logits_per_image = logit_scale * image_emb @ all_text.t()
+    logits_per_text = logit_scale * text_emb @ all_image.t()
+    return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
+
+
+def caption_loss(logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 from tokens <= t; positions past ``lengths`` (pads) are ignored.
+
+    logits (B, T, V) from inputs ``token_ids[:, :T]``; targets are ``token_ids[:, 1:T+1]``.
+    """
+    T = logits.shape[1]
+    targets = token_ids[:, 1:T + 1]
+    valid = torch.arange(1, T + 1, device=token_ids.device)[None, :] < lengths[:, None].to(token_ids.device)
+    targets = targets.masked_fill(~valid, -100)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

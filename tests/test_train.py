@@ -1,0 +1,210 @@
+"""The training loop on a tiny toy task (CPU): resume equivalence, DDP, atomic checkpoints, config errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dalle3_fast.train import ConfigError, OptimizerConfig, Task, load_config, lr_at, train
+from dalle3_fast.train import checkpoint as ckpt
+from dalle3_fast.train.images import image_grid
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+class ToyTask(Task):
+    """Noisy linear regression through an MLP with dropout: every source of randomness the loop must restore."""
+
+    @dataclass
+    class Options:
+        width: int = 16
+        dump_dir: str = ""       # each rank writes its final weights here (DDP agreement test)
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, self.options.width), nn.GELU(), nn.Dropout(0.1), nn.Linear(self.options.width, 2))
+
+    def batches(self, batch_size, rank, world_size, start):
+        index = start
+        while True:
+            g = torch.Generator().manual_seed(self.ctx.seed * 100_003 + rank * 10_007 + index)
+            x = torch.randn(batch_size, 4, generator=g)
+            yield {"x": x, "y": x[:, :2] * 2 - x[:, 2:] + 0.1 * torch.randn(batch_size, 2, generator=g)}
+            index += 1
+
+    def loss(self, model, batch):
+        noise = 0.01 * torch.randn_like(batch["x"])  # global RNG: restored on resume
+        err = model(batch["x"] + noise) - batch["y"]
+        return err.pow(2).mean(), {"mae": err.abs().mean().detach()}
+
+    def after_step(self, model, step):
+        self.seen = getattr(self, "seen", torch.zeros((), dtype=torch.int64)) + 1
+        if self.options.dump_dir and step == 4:
+            Path(self.options.dump_dir).mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                      f"{self.options.dump_dir}/rank{self.ctx.rank}.safetensors")
+
+    def state_dict(self):
+        return {"seen": getattr(self, "seen", torch.zeros((), dtype=torch.int64))}
+
+    def load_state_dict(self, state):
+        self.seen = state["seen"]
+
+    def sample(self, model, step):
+        return torch.sigmoid(model(torch.randn(4 * 8 * 8, 4)).reshape(4, 8, 8, 2)[..., :1].permute(0, 3, 1, 2))
+
+
+def config(tmp_path: Path, **overrides) -> dict:
+    raw = {"task": "test_train:ToyTask", "out_dir": str(tmp_path / "run"), "steps": 6, "batch_size": 4,
+           "grad_accum": 2, "grad_clip": 0.5, "ema_decay": 0.9, "log_every": 1, "ckpt_every": 3, "seed": 3,
+           "optimizer": {"lr": 3e-3, "warmup_steps": 2, "schedule": "cosine", "weight_decay": 0.01}}
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture(autouse=True)
+def importable_toy_task(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    sys.modules.setdefault("test_train", sys.modules[__name__])
+
+
+def losses(out_dir: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, Path(out_dir, "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, precision):
+    full = load_config(raw=config(tmp_path / "a", precision=precision))
+    train(full, progress=False)
+    first = load_config(raw=config(tmp_path / "b", precision=precision, steps=3))
+    train(first, progress=False)
+    rest = load_config(raw=config(tmp_path / "b", precision=precision))
+    train(rest, resume=True, progress=False)
+    a, b = losses(full.out_dir), losses(rest.out_dir)
+    assert [s for s, _ in b] == list(range(1, 7))
+    assert a == b  # bitwise: JSON round-trips floats exactly
+    last_a, last_b = (ckpt.list_checkpoints(Path(c.out_dir, "checkpoints"))[-1] for c in (full, rest))
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "task.safetensors"):
+        ta, tb = load_file(last_a / name), load_file(last_b / name)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    assert int(load_file(last_b / "task.safetensors")["seen"]) == 6
+
+
+def test_checkpoint_is_atomic_when_save_fails(tmp_path, monkeypatch):
+    cfg = load_config(raw=config(tmp_path, steps=4, ckpt_every=2))
+    real, calls = ckpt._save_tensors, []
+
+    def failing(tensors, path):
+        calls.append(path.name)
+        if len(calls) > 6 and path.name == "optimizer.safetensors":  # second checkpoint, after model + ema
+            raise OSError("disk full (simulated)")
+        real(tensors, path)
+
+    monkeypatch.setattr(ckpt, "_save_tensors", failing)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, progress=False)
+    root = Path(cfg.out_dir, "checkpoints")
+    assert [p.name for p in root.iterdir()] == ["step_00000002"]  # no step 4, no temp directory
+    monkeypatch.setattr(ckpt, "_save_tensors", real)
+    summary = train(cfg, resume=True, progress=False)
+    assert summary["step"] == 4 and [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000004"]
+    assert [s for s, _ in losses(cfg.out_dir)] == [1, 2, 3, 4]
+
+
+def test_sample_grid_and_metrics(tmp_path):
+    cfg = load_config(raw=config(tmp_path, steps=2, sample_every=2, log_every=2, grad_accum=1))
+    summary = train(cfg, progress=False)
+    png = Path(cfg.out_dir, "samples", "step_00000002.png")
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (row,) = map(json.loads, Path(summary["metrics"]).read_text().splitlines())
+    assert set(row) >= {"step", "loss", "grad_norm", "lr", "samples_per_s", "mae"} and row["step"] == 2
+    assert image_grid(torch.rand(5, 3, 4, 6)).size == (3 * 8 + 2, 2 * 6 + 2)
+
+
+def test_fresh_run_refuses_existing_checkpoints_and_resume_needs_one(tmp_path):
+    cfg = load_config(raw=config(tmp_path, steps=1))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train(cfg, resume=True, progress=False)
+    train(cfg, progress=False)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(cfg, progress=False)
+    with pytest.raises(ValueError, match="batch_size=4"):
+        train(load_config(raw=config(tmp_path, steps=2, batch_size=2)), resume=True, progress=False)
+
+
+def test_ddp_two_cpu_processes_agree(tmp_path):
+    cfg_path = tmp_path / "toy.json"
+    cfg_path.write_text(json.dumps(config(tmp_path, steps=4, ckpt_every=0, task_options={"dump_dir": str(tmp_path / "w")})))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "dalle3_fast.train", str(cfg_path), "--no-progress"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (load_file(tmp_path / "w" / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["samples_seen"] == 4 * 4 * 2 * 2
+    assert {p.name for p in (tmp_path / "run" / "checkpoints" / "step_00000004").iterdir()} >= {
+        "rng.rank0.safetensors", "rng.rank1.safetensors", "model.safetensors", "optimizer.json"}
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'lerning_rate'"):
+        load_config(raw=config(tmp_path, lerning_rate=1))
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer.beta1'"):
+        load_config(raw=config(tmp_path), overrides=["optimizer.beta1=0.8"])
+    with pytest.raises(ConfigError, match="'steps' must be an integer"):
+        load_config(raw=config(tmp_path), overrides=["steps=ten"])
+    with pytest.raises(ConfigError, match="'precision' is 'fp8'"):
+        load_config(raw=config(tmp_path, precision="fp8"))
+    with pytest.raises(ConfigError, match="'task' is required"):
+        load_config(raw={})
+    with pytest.raises(ConfigError, match="unknown config key 'task_options.depth'"):
+        train(load_config(raw=config(tmp_path, task_options={"depth": 3})), progress=False)
+    with pytest.raises(ConfigError, match="known tasks"):
+        train(load_config(raw=config(tmp_path, task="nope")), progress=False)
+    assert load_config(raw=config(tmp_path), overrides=["optimizer.lr=0.5", "precision=bf16"]).optimizer.lr == 0.5
+
+
+def test_cli_help_and_one_line_errors(tmp_path, capsys):
+    from dalle3_fast.train.__main__ import main
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    helped = capsys.readouterr().out
+    assert exited.value.code == 0 and all(f in helped for f in ("--set", "--resume", "--out", "--steps"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(config(tmp_path, batchsize=3)))
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "'batchsize'" in err
+    assert main([str(tmp_path / "nope.json")]) == 2 and "does not exist" in capsys.readouterr().err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(config(tmp_path, steps=2)))
+    assert main([str(good), "--no-progress", "--set", "optimizer.lr=0.01", "--out", str(tmp_path / "cli")]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 2 and Path(tmp_path, "cli", "metrics.jsonl").is_file()
+
+
+def test_lr_schedule_and_optimizer_state_round_trip():
+    o = OptimizerConfig(lr=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    assert [lr_at(o, s, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(o, 14, 14) == pytest.approx(0.1) and lr_at(o, 9, 14) == pytest.approx(0.55)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    sd = {"state": {n: opt.state[p] for n, p in model.named_parameters()},
+          "param_groups": [{**opt.param_groups[0], "params": ["weight", "bias"]}]}
+    tensors, meta = ckpt.flatten_optimizer_state(sd)
+    json.dumps(meta)
+    back = ckpt.unflatten_optimizer_state(tensors, meta)
+    assert back["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert all(torch.equal(back["state"]["weight"][k], v) for k, v in opt.state[model.weight].items())

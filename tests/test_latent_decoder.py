@@ -1,0 +1,211 @@
+"""LatentDecoder against diffusers' ConsistencyDecoderVAE (random weights, fixed noise), samplers, I/O."""
+import json
+
+import pytest
+import torch
+
+from dalle3_fast import io, ops
+from dalle3_fast.models.latent_decoder import (LatentDecoder, LatentDecoderConfig, count_parameters,
+                                               latent_decoder_config)
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize(module, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def config_kwargs(enc, dec, layers, groups, enc_groups=8):
+    return dict(encoder_block_out_channels=enc, encoder_norm_num_groups=enc_groups, encoder_layers_per_block=1,
+                decoder_block_out_channels=dec, decoder_layers_per_block=layers, decoder_norm_num_groups=groups)
+
+
+def diffusers_decoder(kw, seed=0):
+    n_enc, n_dec = len(kw["encoder_block_out_channels"]), len(kw["decoder_block_out_channels"])
+    model = diffusers.ConsistencyDecoderVAE(
+        encoder_down_block_types=["DownEncoderBlock2D"] * n_enc,
+        decoder_down_block_types=["ResnetDownsampleBlock2D"] * n_dec,
+        decoder_up_block_types=["ResnetUpsampleBlock2D"] * n_dec, **kw).eval()
+    randomize(model, seed)
+    return model
+
+
+CONFIGS = [
+    # (encoder channels -> latent upsample factor, decoder channels, layers per block, groups, latent h, w)
+    ((32, 64), (32, 64), 1, 8, 5, 7),
+    ((16, 16, 32, 32), (32, 32, 64, 64), 2, 8, 2, 3),  # KL-f8: 16x24 images
+    ((32, 64), (32, 64), 3, 32, 4, 6),
+]
+
+
+@pytest.mark.parametrize("enc,dec,layers,groups,h,w", CONFIGS)
+def test_decode_matches_diffusers(enc, dec, layers, groups, h, w):
+    kw = config_kwargs(enc, dec, layers, groups)
+    theirs = diffusers_decoder(kw, seed=layers)
+    ours = LatentDecoder(**kw).eval()
+    io.load_state_dict_strict(ours, theirs.state_dict())
+    z = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = theirs.decode(z, generator=torch.Generator().manual_seed(7)).sample
+    out = ours.decode(z, generator=torch.Generator().manual_seed(7))
+    f = ours.config.latent_upsample_factor
+    assert out.shape == ref.shape == (2, 3, h * f, w * f)
+    assert rel_err(out, ref) < 1e-4
+    other = ours.decode(z, generator=torch.Generator().manual_seed(8))
+    assert rel_err(other, ref) > 1e-3  # the noise matters: the comparison above is not vacuous
+
+
+def test_encode_matches_diffusers():
+    kw = config_kwargs((32, 64), (32, 64), 1, 8)
+    theirs = diffusers_decoder(kw)
+    ours = LatentDecoder(**kw).eval()
+    io.load_state_dict_strict(ours, theirs.state_dict())
+    x = torch.rand(1, 3, 12, 20) * 2 - 1
+    with torch.no_grad():
+        ref = theirs.encode(x).latent_dist
+        post = ours.encode(x)
+    assert rel_err(post.mean, ref.mean) < 1e-4 and rel_err(post.logvar, ref.logvar) < 1e-4
+
+
+def small_decoder(**overrides):
+    model = LatentDecoder(**{**config_kwargs((32, 64), (32, 64), 1, 8), "with_encoder": False, **overrides}).eval()
+    randomize(model, 3)
+    return model
+
+
+def test_explicit_noise_and_step_pieces_reproduce_decode():
+    model = small_decoder()
+    z = torch.randn(2, 4, 3, 5)
+    gen = torch.Generator().manual_seed(4)
+    noise = [torch.randn(2, 3, 6, 10, generator=gen) for _ in range(2)]
+    out = model.decode(z, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(model.decode(z, noise=noise), out)
+    assert torch.equal(model.decode(z, noise=torch.stack(noise)), out)
+    with torch.no_grad():
+        cond = model.condition(z)
+        x = model.schedule.table("sqrt_one_minus_alphas_cumprod")[1008] * noise[0]
+        x = model.consistency_step(x, cond, 1008, 512, noise[1])
+        manual = model.c_skip(512, x) * x + model.c_out(512, x) * model.denoise(x, cond, 512)
+    assert rel_err(manual, out) < 1e-6
+    assert model.default_timesteps(2) == (1008, 512)
+
+
+def test_schedule_matches_diffusers_scheduler():
+    from diffusers.schedulers.scheduling_consistency_decoder import ConsistencyDecoderScheduler
+
+    sched = ConsistencyDecoderScheduler()
+    model = small_decoder()
+    for name in ("c_skip", "c_out", "c_in", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
+        assert torch.allclose(model.schedule.table(name), getattr(sched, name), rtol=1e-6, atol=0), name
+    x = torch.randn(3, 3, 4, 4)
+    t = torch.tensor([5, 512, 1008])
+    assert torch.allclose(model.add_noise(torch.zeros_like(x), x, t),
+                          sched.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * x)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_teacher_matches_diffusers_ddim(eta):
+    model = small_decoder()
+    z = torch.randn(1, 4, 3, 5)
+    steps = 4
+    gen = torch.Generator().manual_seed(9)
+    noises = [torch.randn(1, 3, 6, 10, generator=gen) for _ in range(steps)]
+    out = model.ddim_decode(z, num_inference_steps=steps, eta=eta, noise=noises if eta else noises[:1])
+    ddim = diffusers.DDIMScheduler(num_train_timesteps=1024, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                                   set_alpha_to_one=True, prediction_type="sample", timestep_spacing="trailing")
+    ddim.set_timesteps(steps)
+    assert ddim.timesteps.tolist() == model.ddim_timesteps(steps)
+    with torch.no_grad():
+        cond = model.condition(z)
+        x = model.schedule.table("sqrt_one_minus_alphas_cumprod")[ddim.timesteps[0]] * noises[0]
+        for i, t in enumerate(ddim.timesteps):
+            x0 = model.predict_x0(x, cond, int(t))
+            vn = noises[i + 1] if eta and i + 1 < steps else torch.zeros_like(x)
+            x = ddim.step(x0, t, x, eta=eta, variance_noise=vn).prev_sample
+    assert rel_err(out, x) < 1e-4
+
+
+def test_backends_agree():
+    model = small_decoder()
+    z = torch.randn(1, 4, 2, 3)
+    with ops.use_backend("reference"):
+        ref = model.decode(z, generator=torch.Generator().manual_seed(0))
+    for backend in ops.available_backends():
+        with ops.use_backend(backend):
+            assert rel_err(model.decode(z, generator=torch.Generator().manual_seed(0)), ref) < 1e-5, backend
+
+
+def test_gradients_flow_through_predict_x0():
+    model = small_decoder()
+    model.decoder_unet.gradient_checkpointing = True
+    cond = model.condition(torch.randn(2, 4, 2, 3))
+    x0 = torch.rand(2, 3, 4, 6) * 2 - 1
+    t = torch.tensor([100, 900])
+    loss = (model.predict_x0(model.add_noise(x0, torch.randn_like(x0), t), cond, t) - x0).square().mean()
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_round_trips_with_diffusers(tmp_path):
+    kw = config_kwargs((32, 64), (32, 64), 1, 8)
+    theirs = diffusers_decoder(kw)
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = LatentDecoder.from_pretrained(tmp_path / "theirs")
+    z = torch.randn(1, 4, 2, 3)
+    assert torch.equal(ours.decode(z, generator=torch.Generator().manual_seed(0)),
+                       LatentDecoder.from_pretrained(tmp_path / "theirs").decode(
+                           z, generator=torch.Generator().manual_seed(0)))
+    ours.save_pretrained(tmp_path / "ours")
+    back = diffusers.ConsistencyDecoderVAE.from_pretrained(tmp_path / "ours").eval()
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    # A decoder-only directory of our own.
+    small = small_decoder(sigma_data=0.4)
+    small.save_pretrained(tmp_path / "small")
+    again = LatentDecoder.from_pretrained(tmp_path / "small")
+    assert again.encoder is None and again.schedule.sigma_data == 0.4
+    assert torch.equal(again.decode(z, generator=torch.Generator().manual_seed(1)),
+                       small.decode(z, generator=torch.Generator().manual_seed(1)))
+
+
+def test_config_and_input_errors(tmp_path):
+    cfg = LatentDecoderConfig().to_dict()
+    with pytest.raises(ValueError, match="decoder_add_attention=True"):
+        LatentDecoderConfig.from_dict({**cfg, "decoder_add_attention": True})
+    with pytest.raises(ValueError, match="decoder_time_embedding_type='positional'"):
+        LatentDecoderConfig.from_dict({**cfg, "decoder_time_embedding_type": "positional"})
+    with pytest.raises(ValueError, match="unknown fields mystery"):
+        LatentDecoderConfig.from_dict({**cfg, "mystery": 1})
+    with pytest.raises(ValueError, match="decoder_in_channels"):
+        LatentDecoderConfig(decoder_in_channels=6)
+    with pytest.raises(ValueError, match="unknown latent decoder config"):
+        latent_decoder_config("huge")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "config.json").write_text(json.dumps({**cfg, "decoder_up_block_types": ["UpBlock2D"] * 4}))
+    with pytest.raises(ValueError, match="decoder_up_block_types"):
+        LatentDecoder.from_pretrained(tmp_path / "d")
+    model = small_decoder()
+    with pytest.raises(ValueError, match=r"latents must be \(B, 4, h, w\)"):
+        model.decode(torch.randn(1, 3, 2, 2))
+    with pytest.raises(ValueError, match="`noise` must hold 2 tensors"):
+        model.decode(torch.randn(1, 4, 2, 2), noise=[torch.randn(1, 3, 4, 4)])
+    with pytest.raises(ValueError, match="num_inference_steps=3"):
+        model.decode(torch.randn(1, 4, 2, 2), num_inference_steps=3)
+    with pytest.raises(ValueError, match="outside"):
+        model.denoise(torch.randn(1, 3, 4, 4), model.condition(torch.randn(1, 4, 2, 2)), 1024)
+    with pytest.raises(ValueError, match="without an encoder"):
+        model.encode(torch.randn(1, 3, 4, 4))
+
+
+def test_named_configs():
+    tiny = LatentDecoder("tiny")
+    assert tiny.config.latent_upsample_factor == 8 and tiny.encoder is None
+    assert count_parameters(tiny) < 3_000_000
+    assert latent_decoder_config("openai").decoder_block_out_channels == (320, 640, 1024, 1024)

@@ -130,7 +130,7 @@ def test_spatial_transformer_matches_diffusers_transformer2d(linear, depth):
                                         norm_num_groups=8, use_linear_projection=linear), ref)
     x, text = torch.randn(2, 48, 6, 10), torch.randn(2, 5, 24)
     with torch.no_grad():
-        expected = ref(x, encoder_hidden_states=text).sample
+        expected = ref(x, encoder_hidden_states=text, return_dict=False)[0]
         got = ours(x, TextContext.from_tokens(text))
         got_cl = ours(x.contiguous(memory_format=torch.channels_last), TextContext.from_tokens(text))
     assert rel(got, expected) < 1e-5

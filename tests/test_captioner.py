@@ -285,3 +285,42 @@ def test_fused_backend_matches_reference(tokenizer):
     torch.testing.assert_close(fused_loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_emb, ref_emb, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fused_ids.logits, ref_ids.logits, rtol=1e-4, atol=1e-4)
+
+
+def _contrastive_rank(rank, world, init_file, result_file):
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from dalle3_fast.models.captioner.loss import contrastive_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(4 * world, 16, generator=g), dim=-1)
+    text = F.normalize(torch.randn(4 * world, 16, generator=g), dim=-1)
+    mine = slice(4 * rank, 4 * (rank + 1))
+    local_image, local_text = image[mine].clone().requires_grad_(), text[mine].clone().requires_grad_()
+    loss = contrastive_loss(local_image, local_text, torch.tensor(10.0))
+    loss.backward()
+    save_file({"loss": loss.detach(), "image": local_image.grad, "text": local_text.grad}, f"{result_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_contrastive_loss_spans_the_global_batch_under_ddp(tmp_path):
+    """Two gloo ranks: local losses average to the full-batch loss, and the row gradients (which DDP then
+    averages through the parameters) equal the full-batch gradient times the world size."""
+    import torch.multiprocessing as mp
+    import torch.nn.functional as F
+
+    world = 2
+    mp.spawn(_contrastive_rank, args=(world, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=world)
+    results = [load_file(f"{tmp_path / 'out'}.{r}") for r in range(world)]
+    g = torch.Generator().manual_seed(0)
+    image = F.normalize(torch.randn(4 * world, 16, generator=g), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(4 * world, 16, generator=g), dim=-1).requires_grad_()
+    labels = torch.arange(4 * world)
+    full = 0.5 * (F.cross_entropy(10 * image @ text.t(), labels) + F.cross_entropy(10 * text @ image.t(), labels))
+    full.backward()
+    torch.testing.assert_close(sum(r["loss"] for r in results) / world, full.detach())
+    torch.testing.assert_close(torch.cat([r["image"] for r in results]) / world, image.grad)
+    torch.testing.assert_close(torch.cat([r["text"] for r in results]) / world, text.grad)

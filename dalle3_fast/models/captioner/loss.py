@@ -5,15 +5,38 @@ import torch
 import torch.nn.functional as F
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate every rank's (B, E) rows; the backward sums the gradient over ranks and returns this
+    rank's slice, so each rank's rows get the gradient of every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def _gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """All ranks' rows (gradients flow back to their owners) and this rank's offset; identity off DDP."""
+    """All ranks' rows and this rank's offset among them; identity outside torch.distributed.
+
+    Every rank must hold the same number of rows (DDP with drop_last, as usual for contrastive training).
+    """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
+    return _GatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

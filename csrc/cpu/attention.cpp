@@ -1,0 +1,245 @@
+// CPU kernels of dalle3_fast_C::attention_fwd / _bwd (flash-attention style).
+//
+// Layout (B, N, H, D) like flash-attn; keys and values (B, L, H, D). With key_lengths,
+// keys at or past key_lengths[b] are skipped (never computed); a sample with no keys
+// gets zeros and lse = -inf. Forward: one task per (b, h, block of queries), online
+// softmax over key tiles, so the score matrix never exceeds one tile. Backward
+// recomputes the probabilities from lse (delta = rowsum(dO * O)), one task per (b, h),
+// accumulating dK and dV in place. Tile products are BLAS calls on strided views of
+// the inputs (no copies); the row-wise softmax loops are vectorised here.
+// float32 and float64 run natively; float16/bfloat16 run in float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "attention_loops.h"
+
+namespace d3f::attn {
+namespace {
+
+#define D3F_ATTN_ENTRY_POINTS(T)                                                                              \
+  D3F_CLONES void k_online_softmax_tile(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, T* m, T* l,   \
+                                        T* alpha) {                                                           \
+    online_softmax_tile<T>(s, lds, rows, cols, scale, m, l, alpha);                                           \
+  }                                                                                                           \
+  D3F_CLONES void k_scale_rows(T* o, int64_t ldo, int64_t rows, int64_t cols, const T* factor) {              \
+    scale_rows<T>(o, ldo, rows, cols, factor);                                                                \
+  }                                                                                                           \
+  D3F_CLONES void k_recompute_probs(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, const T* lse) {   \
+    recompute_probs<T>(s, lds, rows, cols, scale, lse);                                                       \
+  }                                                                                                           \
+  D3F_CLONES void k_score_grad(const T* p, int64_t ldp, T* dp, int64_t lddp, int64_t rows, int64_t cols,      \
+                               const T* delta, T scale) {                                                     \
+    score_grad<T>(p, ldp, dp, lddp, rows, cols, delta, scale);                                                \
+  }                                                                                                           \
+  D3F_CLONES void k_row_dots(const T* a, const T* b, int64_t ld, int64_t rows, int64_t cols, T* delta) {      \
+    row_dots<T>(a, b, ld, rows, cols, delta);                                                                 \
+  }
+
+D3F_ATTN_ENTRY_POINTS(float)
+D3F_ATTN_ENTRY_POINTS(double)
+#undef D3F_ATTN_ENTRY_POINTS
+
+constexpr int64_t kQueryBlock = 256;  // queries per forward task / backward step
+constexpr int64_t kKeyTile = 512;     // keys per score tile
+
+struct Dims {
+  int64_t B, N, L, H, D;
+};
+
+// (rows, D) view of head h of sample b of a (B, rows, H, D) tensor, rows [r0, r0 + n).
+at::Tensor head_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int64_t n) {
+  return t.select(0, b).select(1, h).narrow(0, r0, n);
+}
+
+std::vector<int64_t> valid_key_counts(const std::optional<at::Tensor>& key_lengths, const Dims& d) {
+  std::vector<int64_t> len(size_t(d.B), d.L);
+  if (key_lengths) {
+    const int32_t* kl = key_lengths->data_ptr<int32_t>();
+    for (int64_t b = 0; b < d.B; ++b) len[b] = kl[b];
+  }
+  return len;
+}
+
+template <typename T>
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& len,
+             const Dims& d, T scale, at::Tensor& out, at::Tensor& lse) {
+  const int64_t q_blocks = (d.N + kQueryBlock - 1) / kQueryBlock;
+  const int64_t ld = d.H * d.D;
+  T* lse_ptr = lse.data_ptr<T>();  // (B, H, N)
+  at::parallel_for(0, d.B * d.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // tile products are internal, never differentiated
+    at::Tensor scores = at::empty({kQueryBlock, std::min(kKeyTile, d.L)}, q.options());
+    std::vector<T> m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_blocks, b = bh / d.H, h = bh % d.H;
+      const int64_t n0 = (task % q_blocks) * kQueryBlock, rows = std::min(kQueryBlock, d.N - n0);
+      at::Tensor o = head_rows(out, b, h, n0, rows);
+      T* o_ptr = o.data_ptr<T>();
+      T* lse_rows = lse_ptr + bh * d.N + n0;
+      if (len[b] == 0) {
+        o.zero_();
+        std::fill(lse_rows, lse_rows + rows, -std::numeric_limits<T>::infinity());
+        continue;
+      }
+      const at::Tensor qb = head_rows(q, b, h, n0, rows);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
+      std::fill(l.begin(), l.end(), T(0));
+      for (int64_t k0 = 0; k0 < len[b]; k0 += kKeyTile) {
+        const int64_t cols = std::min(kKeyTile, len[b] - k0);
+        at::Tensor s = scores.narrow(0, 0, rows).narrow(1, 0, cols);
+        at::mm_out(s, qb, head_rows(k, b, h, k0, cols).t());
+        k_online_softmax_tile(s.data_ptr<T>(), s.stride(0), rows, cols, scale, m.data(), l.data(), alpha.data());
+        const at::Tensor vt = head_rows(v, b, h, k0, cols);
+        if (k0 == 0) {
+          at::mm_out(o, s, vt);
+        } else {
+          k_scale_rows(o_ptr, ld, rows, d.D, alpha.data());
+          o.addmm_(s, vt);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        lse_rows[r] = m[r] + std::log(l[r]);
+        l[r] = T(1) / l[r];
+      }
+      k_scale_rows(o_ptr, ld, rows, d.D, l.data());
+    }
+  });
+}
+
+template <typename T>
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const std::vector<int64_t>& len, const Dims& d, T scale,
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t ld = d.H * d.D;
+  const T* lse_ptr = lse.data_ptr<T>();
+  at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const int64_t tile = std::min(kKeyTile, d.L);
+    at::Tensor probs = at::empty({kQueryBlock, tile}, q.options());
+    at::Tensor dprobs = at::empty({kQueryBlock, tile}, q.options());
+    std::vector<T> delta(kQueryBlock);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / d.H, h = bh % d.H;
+      at::Tensor dk_bh = head_rows(dk, b, h, 0, d.L), dv_bh = head_rows(dv, b, h, 0, d.L);
+      dk_bh.zero_();
+      dv_bh.zero_();
+      for (int64_t n0 = 0; n0 < d.N; n0 += kQueryBlock) {
+        const int64_t rows = std::min(kQueryBlock, d.N - n0);
+        at::Tensor dq_b = head_rows(dq, b, h, n0, rows);
+        if (len[b] == 0) {
+          dq_b.zero_();
+          continue;
+        }
+        const at::Tensor qb = head_rows(q, b, h, n0, rows), dob = head_rows(dout, b, h, n0, rows);
+        k_row_dots(dob.data_ptr<T>(), head_rows(out, b, h, n0, rows).data_ptr<T>(), ld, rows, d.D, delta.data());
+        const T* lse_rows = lse_ptr + bh * d.N + n0;
+        for (int64_t k0 = 0; k0 < len[b]; k0 += kKeyTile) {
+          const int64_t cols = std::min(kKeyTile, len[b] - k0);
+          const at::Tensor kt = head_rows(k, b, h, k0, cols), vt = head_rows(v, b, h, k0, cols);
+          at::Tensor p = probs.narrow(0, 0, rows).narrow(1, 0, cols);
+          at::Tensor dp = dprobs.narrow(0, 0, rows).narrow(1, 0, cols);
+          at::mm_out(p, qb, kt.t());
+          k_recompute_probs(p.data_ptr<T>(), p.stride(0), rows, cols, scale, lse_rows);
+          dv_bh.narrow(0, k0, cols).addmm_(p.t(), dob);
+          at::mm_out(dp, dob, vt.t());
+          k_score_grad(p.data_ptr<T>(), p.stride(0), dp.data_ptr<T>(), dp.stride(0), rows, cols, delta.data(),
+                       scale);
+          if (k0 == 0) {
+            at::mm_out(dq_b, dp, kt);
+          } else {
+            dq_b.addmm_(dp, kt);
+          }
+          dk_bh.narrow(0, k0, cols).addmm_(dp.t(), qb);
+        }
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------- validation and entry points
+
+Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const std::optional<at::Tensor>& key_lengths) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 4, op, ": q, k, v must be (B, N, H, D), got ", t->sizes());
+    TORCH_CHECK(t->device() == q.device(), op, ": q, k, v must be on one device");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": q, k, v must share a dtype");
+  }
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be floating point, got ", q.scalar_type());
+  const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
+  TORCH_CHECK(k.size(0) == d.B && k.size(2) == d.H && k.size(3) == d.D, op, ": k has shape ", k.sizes(),
+              ", expected (", d.B, ", L, ", d.H, ", ", d.D, ")");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v has shape ", v.sizes(), ", expected ", k.sizes());
+  TORCH_CHECK(d.B > 0 && d.N > 0 && d.L > 0 && d.H > 0 && d.D > 0, op, ": empty input, q ", q.sizes(), ", k ",
+              k.sizes());
+  if (key_lengths) {
+    const at::Tensor& kl = *key_lengths;
+    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.dim() == 1 && kl.size(0) == d.B && kl.device() == q.device(),
+                op, ": key_lengths must be int32 of shape (", d.B, ",) on ", q.device());
+    const at::Tensor klc = kl.contiguous();
+    const int32_t* p = klc.data_ptr<int32_t>();
+    for (int64_t b = 0; b < d.B; ++b)
+      TORCH_CHECK(p[b] >= 0 && p[b] <= d.L, op, ": key_lengths[", b, "] = ", p[b], " is outside [0, ", d.L, "]");
+  }
+  return d;
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::optional<at::Tensor> contiguous_lengths(const std::optional<at::Tensor>& kl) {
+  return kl ? std::optional<at::Tensor>(kl->contiguous()) : std::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in,
+                                                     const std::optional<at::Tensor>& key_lengths, double scale) {
+  const Dims d = check_inputs("attention_fwd", q_in, k_in, v_in, key_lengths);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  auto dense = [&](const at::Tensor& t) { return t.detach().to(ct).contiguous(); };
+  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
+  at::Tensor out = at::empty_like(q);
+  at::Tensor lse = at::empty({d.B, d.H, d.N}, q.options());
+  const auto len = valid_key_counts(contiguous_lengths(key_lengths), d);
+  AT_DISPATCH_FLOATING_TYPES(ct, "attention_fwd_cpu",
+                             [&] { forward<scalar_t>(q, k, v, len, d, scalar_t(scale), out, lse); });
+  return {out.to(q_in.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& key_lengths,
+    double scale) {
+  const Dims d = check_inputs("attention_bwd", q_in, k_in, v_in, key_lengths);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "attention_bwd: grad_out and out must have the shape of q ", q_in.sizes());
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({d.B, d.H, d.N}), "attention_bwd: lse has shape ", lse_in.sizes(),
+              ", expected (", d.B, ", ", d.H, ", ", d.N, ")");
+  for (const auto* t : {&grad_out, &out_in, &lse_in})
+    TORCH_CHECK(t->device() == q_in.device(), "attention_bwd: all inputs must be on ", q_in.device());
+  const at::ScalarType ct = compute_type(q_in.scalar_type());
+  auto dense = [&](const at::Tensor& t) { return t.detach().to(ct).contiguous(); };
+  const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in), dout = dense(grad_out), out = dense(out_in),
+                   lse = dense(lse_in);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const auto len = valid_key_counts(contiguous_lengths(key_lengths), d);
+  AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd_cpu", [&] {
+    backward<scalar_t>(dout, q, k, v, out, lse, len, d, scalar_t(scale), dq, dk, dv);
+  });
+  return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type())};
+}
+
+}  // namespace
+}  // namespace d3f::attn
+
+TORCH_LIBRARY_IMPL(dalle3_fast_C, CPU, m) {
+  m.impl("attention_fwd", &d3f::attn::attention_fwd_cpu);
+  m.impl("attention_bwd", &d3f::attn::attention_bwd_cpu);
+}

@@ -1,0 +1,52 @@
+// Helpers shared by the CPU kernels: per-ISA function clones and a vectorisable exp.
+//
+// The extension is built with portable flags (no -march=native), so the hot loops are
+// compiled several times on x86-64 (AVX-512, AVX2+FMA, baseline SSE2) and the loader
+// picks the best clone for the running CPU (GCC/Clang function multi-versioning). Other
+// architectures get one build of the same plain loops, vectorised for their baseline.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && defined(__linux__)
+#define D3F_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define D3F_CLONES
+#endif
+
+namespace d3f {
+
+// exp(x) for float, accurate to about 2 ulp on [-87, 88], written so loops over it
+// vectorise (no calls, no branches): Cody-Waite range reduction and the Cephes expf
+// polynomial, 2^n built from the exponent bits. Inputs are clamped, so -inf -> 0.
+static inline float exp_f32(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  x = x > 88.3f ? 88.3f : x;
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float n = (x * 1.44269504088896341f + round_magic) - round_magic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+static inline double exp_any(double x) { return std::exp(x); }
+static inline float exp_any(float x) { return exp_f32(x); }
+
+template <typename T>
+static inline T sigmoid(T z) {
+  return T(1) / (T(1) + exp_any(-z));
+}
+
+}  // namespace d3f

@@ -278,3 +278,17 @@ def test_bad_forward_inputs_are_clear_errors(tiny_unet):
     text_time = UNet.from_config(PARITY_CASES["scale-shift-text-time"][0])
     with pytest.raises(ValueError, match="added_cond_kwargs"):
         text_time(torch.randn(1, 3, 8, 8), 1, torch.randn(1, 4, 24))
+
+
+def test_bfloat16_forward_stays_close_to_float32(tiny_unet):
+    x, t, text, _ = make_inputs(tiny_unet.config, (8, 8), masked=False)
+    lengths = torch.tensor([7, 4])
+    low = UNet.from_config("tiny").eval()
+    low.load_state_dict(tiny_unet.state_dict())
+    low = low.to(torch.bfloat16)
+    with torch.no_grad():
+        expected = tiny_unet(x, t, text, encoder_lengths=lengths)
+        kv = low.precompute_text_kv(text.bfloat16(), encoder_lengths=lengths)
+        got = low(x.bfloat16(), t, text_kv=kv)
+    assert got.dtype == torch.bfloat16
+    assert rel(got.float(), expected) < 2e-2

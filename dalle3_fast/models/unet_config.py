@@ -260,6 +260,15 @@ NAMED_CONFIGS: dict[str, dict] = {
         layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
         flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1, **_SD_BLOCKS,
     ),
+    # SDXL's U-Net (2.6B parameters), for benchmarks against the published SDXL figures.
+    "sdxl": dict(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=[320, 640, 1280], layers_per_block=2,
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048,
+        norm_num_groups=32, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, upcast_attention=None,
+    ),
     # The DALL-E 3 style generator: SD-sized, cross-attention to T5-XXL tokens (4096 wide), head
     # width 64, timestep conditioning by modulated GroupNorm (scale_shift), SDXL-style size
     # micro-conditioning with text_embeds = mean of the prompt's T5 tokens (pooled_text_embeds)

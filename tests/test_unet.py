@@ -292,3 +292,27 @@ def test_bfloat16_forward_stays_close_to_float32(tiny_unet):
         got = low(x.bfloat16(), t, text_kv=kv)
     assert got.dtype == torch.bfloat16
     assert rel(got.float(), expected) < 2e-2
+
+
+def test_loads_sharded_diffusers_checkpoints(tmp_path):
+    config = unet_config.named_config("tiny")
+    torch.manual_seed(0)
+    ref = randomize(UNet2DConditionModel(**config))
+    ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="1MB")
+    assert (tmp_path / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    ours = UNet.from_pretrained(tmp_path)
+    for name, p in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], p), name
+
+
+def test_deepcopy_keeps_its_own_cross_attention_layers(tiny_unet):
+    import copy
+
+    ema = copy.deepcopy(tiny_unet)
+    own = [m for m in ema.modules() if getattr(m, "is_cross_attention", False)]
+    assert [id(m) for m in ema._cross_attention_layers] == [id(m) for m in own]
+    x, t, text, _ = make_inputs(tiny_unet.config, (8, 8), masked=False)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.mul_(0.5)
+        assert torch.equal(ema(x, t, text_kv=ema.precompute_text_kv(text)), ema(x, t, text))

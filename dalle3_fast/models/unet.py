@@ -32,9 +32,10 @@ WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 
 
 def _variant_name(name: str, variant: str | None) -> str:
+    """diffusers' naming: the variant goes before the last suffix (``x.fp16.safetensors``, ``x.safetensors.index.fp16.json``)."""
     if variant is None:
         return name
-    stem, ext = name.split(".", 1)
+    stem, ext = name.rsplit(".", 1)
     return f"{stem}.{variant}.{ext}"
 
 

@@ -12,8 +12,9 @@ import triton
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def autotune(kernel, configs, key):
+def autotune(kernel, configs, key, early_config_prune=None):
     """``triton.autotune(configs, key)(kernel)`` on a GPU; the bare kernel under the interpreter."""
     if INTERPRET:
         return kernel
-    return triton.autotune(configs=configs, key=key)(kernel)
+    prune = {"early_config_prune": early_config_prune} if early_config_prune else None
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune)(kernel)

@@ -33,21 +33,47 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # "ieee" for fp32 keeps fp32 accuracy (tf32 would give ~1e-3); fp16/bf16 ignore it.
-    return "ieee"
+    # IEEE fp32 products for fp32 inputs (TF32 would cost ~1e-3 relative error);
+    # 16-bit inputs run on tensor cores whatever this says.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-# Interpreter: one small config so CPU tests stay fast. GPU: a few FA2-shaped configs;
-# those that do not fit (large padded head dims) fail to compile and are skipped.
+# Interpreter: one small config so CPU tests stay fast. GPU: FA2-shaped configs, pruned
+# per call (_prune); on sm_90 the 16-bit configs kept for D <= 128 compile without
+# spills, the small ones serve fp32 (FMA dots) and D=160 (padded to 256).
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 2),
+                         (32, 32, 8, 1)]
 ]
 _BWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)]
+    for bm, bn, w, s in [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 1),
+                         (32, 32, 8, 1)]
 ]
 _INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16}
+
+
+def _prune(configs, args, max_m_wide_head, max_n_wide_head):
+    """Drop tiles wider than the keys, and tiles that cannot fit for fp32 (FMA dots) or D padded to 256."""
+    def fits(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if bn > max(32, triton.next_power_of_2(args["N_K"])):
+            return False
+        if args["Q"].dtype in (torch.float32, torch.float64) and (bm > 64 or bn > 32):
+            return False
+        return not (args["BLOCK_D"] >= 256 and (bm > max_m_wide_head or bn > max_n_wide_head))
+
+    kept = [c for c in configs if fits(c)]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    return _prune(configs, {**named_args, **kwargs}, 64, 64)
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    return _prune(configs, {**named_args, **kwargs}, 32, 64)
 
 
 @triton.jit
@@ -245,9 +271,10 @@ def _attn_bwd_dq_kernel(
              dq.to(dQ.dtype.element_ty), mask=q_mask)
 
 
-_fwd = autotune(_attn_fwd_kernel, _FWD_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "HAS_LENGTHS"])
-_dkdv = autotune(_attn_bwd_dkdv_kernel, _BWD_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "HAS_LENGTHS"])
-_dq = autotune(_attn_bwd_dq_kernel, _BWD_CONFIGS, key=["N_Q", "N_K", "BLOCK_D", "HAS_LENGTHS"])
+_KEY = ["N_Q", "N_K", "BLOCK_D", "HAS_LENGTHS"]
+_fwd = autotune(_attn_fwd_kernel, _FWD_CONFIGS, _KEY, _prune_fwd)
+_dkdv = autotune(_attn_bwd_dkdv_kernel, _BWD_CONFIGS, _KEY, _prune_bwd)
+_dq = autotune(_attn_bwd_dq_kernel, _BWD_CONFIGS, _KEY, _prune_bwd)
 
 
 def _blocks() -> dict:

@@ -32,8 +32,8 @@ from dalle3_fast.ops.triton._config import INTERPRET
 
 # Elements per tile (BLOCK_C * BLOCK_S). The interpreter runs numpy per tile, so its
 # tiles are small enough to exercise the masks and the tile loops on tiny test tensors.
-_TILE_FWD = 256 if INTERPRET else 4096
-_TILE_BWD = 256 if INTERPRET else 2048
+_TILE_FWD = 256 if INTERPRET else 1024
+_TILE_BWD = 256 if INTERPRET else 1024
 _NUM_WARPS = 8
 # A split owns at least this many tiles, so the combine step stays negligible.
 _MIN_TILES_PER_SPLIT = 4
@@ -93,12 +93,12 @@ def _gn_fwd_kernel(
     bg = tl.program_id(0)
     split = tl.program_id(1)
     b = bg // G
-    g = bg % G
+    grp = bg % G
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < CG
-    c_idx = g * CG + offs_c
+    c_idx = grp * CG + offs_c
     bc_idx = b.to(tl.int64) * C + c_idx
-    base = b.to(tl.int64) * sxb + (g * CG).to(tl.int64) * sxc
+    base = b.to(tl.int64) * sxb + (grp * CG).to(tl.int64) * sxc
     x_base = X + base
     s_lo = split * S_CHUNK
     s_hi = tl.minimum(s_lo + S_CHUNK, S)
@@ -197,12 +197,12 @@ def _gn_bwd_kernel(
     bg = tl.program_id(0)
     split = tl.program_id(1)
     b = bg // G
-    g = bg % G
+    grp = bg % G
     offs_c = tl.arange(0, BLOCK_C)
     c_valid = offs_c < CG
-    c_idx = g * CG + offs_c
+    c_idx = grp * CG + offs_c
     bc_idx = b.to(tl.int64) * C + c_idx
-    base = b.to(tl.int64) * sxb + (g * CG).to(tl.int64) * sxc
+    base = b.to(tl.int64) * sxb + (grp * CG).to(tl.int64) * sxc
     x_base = X + base
     gy_base = GY + base
     s_lo = split * S_CHUNK

@@ -1,0 +1,20 @@
+"""The scene world: seeded procedural images with a scene graph each, three caption styles, a caption
+parser, a pixel detector and per-attribute comparison. ``python -m dalle3_fast.data.world`` writes shards.
+
+    image, graph = generate(seed=0, width=64, height=64)
+    caps = captions(graph, seed=0)            # {"alt", "ssc", "dsc"}
+    parse_caption(caps["dsc"]) == graph.semantic()
+    compare(detect(image), graph)             # {"shape": True, "colour": True, ...}
+"""
+from .captions import alt_text, captions, dsc, ssc
+from .compare import accuracy, compare
+from .detector import detect
+from .graph import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, WORD_POSITIONS, Group, GroupKey, Relation,
+                    SceneGraph, SceneObject)
+from .parser import parse_caption
+from .scene import WORDS, generate, render, sample_scene, scene_seed
+from .samples import world_sample
+
+__all__ = ["generate", "render", "sample_scene", "scene_seed", "world_sample", "captions", "alt_text", "ssc", "dsc",
+           "parse_caption", "detect", "compare", "accuracy", "SceneGraph", "SceneObject", "Group", "GroupKey",
+           "Relation", "SHAPES", "SIZES", "OBJECT_COLOURS", "BACKGROUND_COLOURS", "WORD_POSITIONS", "WORDS"]

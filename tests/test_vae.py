@@ -98,6 +98,10 @@ def test_reads_diffusers_directory_and_legacy_attention_names(tmp_path):
     legacy = AutoencoderKL.from_pretrained(tmp_path / "d")
     assert torch.equal(legacy.encoder.mid_block.attentions[0].to_q.weight,
                        theirs.encoder.mid_block.attentions[0].to_q.weight)
+    theirs.half().save_pretrained(tmp_path / "h", variant="fp16")
+    half = AutoencoderKL.from_pretrained(tmp_path / "h", variant="fp16", dtype=torch.float16)
+    assert half.decoder.conv_out.weight.dtype == torch.float16
+    assert torch.equal(half.decoder.conv_out.weight, theirs.decoder.conv_out.weight)
 
 
 def test_strict_loading_names_bad_tensors(tmp_path):

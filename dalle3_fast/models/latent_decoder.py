@@ -35,7 +35,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle3_fast import io, ops
-from dalle3_fast.models.vae import DiagonalGaussian, Encoder
+from dalle3_fast.models.vae import DiagonalGaussian, Encoder, weights_file_name
+from dalle3_fast.nn.embeddings import TimestepEmbedding
 from dalle3_fast.nn.resnet import ResnetBlock2D
 
 # The latent statistics OpenAI's decoder normalises with (diffusers hard-codes them).
@@ -108,18 +109,6 @@ class ConsistencySchedule:
 
 
 # --------------------------------------------------------------------------- U-Net
-
-class TimestepEmbedding(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding names)."""
-
-    def __init__(self, in_channels: int, time_embed_dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
 
 def _resnet(in_ch, out_ch, temb_ch, groups, eps, scale_shift, **kw) -> ResnetBlock2D:
     return ResnetBlock2D(in_channels=in_ch, out_channels=out_ch, temb_channels=temb_ch, groups=groups, eps=eps,
@@ -578,11 +567,12 @@ class LatentDecoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "LatentDecoder":
+                        dtype: torch.dtype | None = None, variant: str | None = None) -> "LatentDecoder":
         """Load a diffusers ConsistencyDecoderVAE directory or one written by ``save_pretrained``, strictly.
 
         A directory without encoder weights (``with_encoder`` false in its config) loads the decoder alone.
-        ``sigma_data`` comes from ``scheduler_config.json`` when the directory has one.
+        ``sigma_data`` comes from ``scheduler_config.json`` when the directory has one. ``variant="fp16"``
+        reads ``diffusion_pytorch_model.fp16.safetensors`` (the released decoder ships one).
         """
         directory = Path(directory)
         raw = io.read_config(directory)
@@ -594,7 +584,7 @@ class LatentDecoder(nn.Module):
                 raise ValueError(f"{directory}: scheduler num_train_timesteps={T} differs from the U-Net's "
                                  f"decoder_num_train_timesteps={raw.get('decoder_num_train_timesteps', 1024)}")
         model = cls(LatentDecoderConfig.from_dict(raw))
-        io.load_weights_into(model, directory)
+        io.load_weights_into(model, directory, weights_file_name(variant))
         return model.to(device=device, dtype=dtype).eval()
 
 

@@ -328,6 +328,13 @@ def vae_config(name: str, **overrides) -> AutoencoderKLConfig:
 
 # --------------------------------------------------------------------------- model
 
+def weights_file_name(variant: str | None = None) -> str:
+    """diffusion_pytorch_model[.{variant}].safetensors"""
+    if variant is None:
+        return io.DIFFUSERS_WEIGHTS
+    return io.DIFFUSERS_WEIGHTS.replace(".safetensors", f".{variant}.safetensors")
+
+
 def rename_legacy_attention_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Old diffusers VAE checkpoints name the mid attention query/key/value/proj_attn; map them to to_q/.../to_out.0."""
     renames = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -420,11 +427,14 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "AutoencoderKL":
-        """Load a diffusers AutoencoderKL directory (or one written by ``save_pretrained``), strictly."""
+                        dtype: torch.dtype | None = None, variant: str | None = None) -> "AutoencoderKL":
+        """Load a diffusers AutoencoderKL directory (or one written by ``save_pretrained``), strictly.
+
+        ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors`` instead.
+        """
         config = AutoencoderKLConfig.from_dict(io.read_config(directory))
         model = cls(config)
-        path = Path(directory) / io.DIFFUSERS_WEIGHTS
+        path = Path(directory) / weights_file_name(variant)
         state = rename_legacy_attention_keys(io.load_safetensors(path))
         io.load_state_dict_strict(model, state, source=f"weights in {str(path)!r}")
         return model.to(device=device, dtype=dtype).eval()

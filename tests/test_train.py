@@ -140,9 +140,11 @@ def test_fresh_run_refuses_existing_checkpoints_and_resume_needs_one(tmp_path):
         train(load_config(raw=config(tmp_path, steps=2, batch_size=2)), resume=True, progress=False)
 
 
-def test_ddp_two_cpu_processes_agree(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_cpu_processes_agree(tmp_path, parallel):
     cfg_path = tmp_path / "toy.json"
-    cfg_path.write_text(json.dumps(config(tmp_path, steps=4, ckpt_every=0, task_options={"dump_dir": str(tmp_path / "w")})))
+    cfg_path.write_text(json.dumps(config(tmp_path, steps=4, ckpt_every=0, parallel=parallel,
+                                             task_options={"dump_dir": str(tmp_path / "w")})))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

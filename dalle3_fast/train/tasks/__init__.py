@@ -1,1 +1,2 @@
-"""Built-in tasks; importing this package registers them. A task whose model is missing is skipped."""
+"""Built-in tasks; importing this package registers them."""
+from . import vae  # noqa: F401

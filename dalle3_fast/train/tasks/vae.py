@@ -1,0 +1,118 @@
+"""Task ``vae``: the KL-f8 autoencoder. Loss = L1 + kl_weight * KL [+ PatchGAN hinge from gan_start].
+
+The optional discriminator trains in the same optimizer step: its loss sees the reconstruction
+detached, and the generator's adversarial term runs the discriminator with detached weights, so
+each loss reaches only its own network's parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from dalle3_fast.models.vae import AutoencoderKL, estimate_scaling_factor, vae_config
+
+from ..task import Task, register_task
+from .image_data import ImageDataOptions, image_batches, to_unit
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's PatchGAN (as taming-transformers uses for the SD VAE): one logit per image patch."""
+
+    def __init__(self, channels: int = 3, width: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = width
+        for i in range(1, layers + 1):
+            out = width * min(2 ** i, 8)
+            mods += [nn.Conv2d(ch, out, 4, 2 if i < layers else 1, 1, bias=False), nn.GroupNorm(min(32, out // 4), out),
+                     nn.LeakyReLU(0.2)]
+            ch = out
+        mods.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VAEWithDiscriminator(nn.Module):
+    def __init__(self, vae: AutoencoderKL, disc: PatchDiscriminator | None):
+        super().__init__()
+        self.vae, self.disc = vae, disc
+
+
+@register_task("vae")
+class VAETask(Task):
+    @dataclass
+    class Options(ImageDataOptions):
+        model: str = "tiny"                 # a named VAE config (tiny, sd, sdxl) or a model directory to fine-tune
+        kl_weight: float = 1e-6
+        sample_posterior: bool = True
+        gan_start: int = 0                  # optimizer step the PatchGAN starts at; 0 = no discriminator
+        gan_weight: float = 0.5
+        disc_width: int = 64
+        estimate_scaling_factor: bool = True  # at export: scaling_factor = 1 / std of latents
+        sample_count: int = 8
+
+    def build_model(self) -> nn.Module:
+        o = self.options
+        if Path(o.model).is_dir():
+            vae = AutoencoderKL.from_pretrained(o.model).train()
+        else:
+            vae = AutoencoderKL(vae_config(o.model))
+        if self.ctx.activation_checkpointing:
+            vae.enable_gradient_checkpointing()
+        self.step = torch.zeros((), dtype=torch.int64)
+        disc = PatchDiscriminator(vae.config.out_channels, o.disc_width) if o.gan_start > 0 else None
+        self._factor = vae.config.downsample_factor
+        return VAEWithDiscriminator(vae, disc)
+
+    def batches(self, batch_size, rank, world_size, start):
+        return image_batches(self.options, batch_size, rank, world_size, start, multiple=self._factor)
+
+    def loss(self, model: VAEWithDiscriminator, batch):
+        x = batch["image"]
+        posterior = model.vae.encode(x)
+        z = posterior.sample() if self.options.sample_posterior else posterior.mode()
+        recon = model.vae.decode(z)
+        rec = (recon.float() - x.float()).abs().mean()
+        kl = posterior.kl().float().mean() / x[0].numel()  # per pixel, like the L1 term
+        loss = rec + self.options.kl_weight * kl * x[0].numel()
+        metrics = {"l1": rec.detach(), "kl": (kl * x[0].numel()).detach()}
+        if model.disc is not None:
+            on = float(int(self.step) >= self.options.gan_start)
+            frozen = {k: v.detach() for k, v in model.disc.named_parameters()}
+            g_loss = -functional_call(model.disc, frozen, (recon,)).float().mean()
+            real, fake = model.disc(x).float(), model.disc(recon.detach()).float()
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+            loss = loss + on * (self.options.gan_weight * g_loss + d_loss)
+            metrics.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
+        return loss, metrics
+
+    def after_step(self, model, step):
+        self.step = torch.tensor(step, dtype=torch.int64)
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+    def sample(self, model, step):
+        batch = next(image_batches(self.options, self.options.sample_count, 0, 1, 10_000_000, self._factor))
+        x = batch["image"].to(self.ctx.device)
+        model.eval()
+        recon = model.vae.decode(model.vae.encode(x).mode())
+        return to_unit(torch.cat([x, recon.float()]))
+
+    def export(self, model, directory):
+        vae = model.vae
+        if self.options.estimate_scaling_factor:
+            batch = next(image_batches(self.options, 16, 0, 1, 20_000_000, self._factor))
+            z = vae.encode(batch["image"].to(self.ctx.device)).mode()
+            vae.config.scaling_factor = estimate_scaling_factor(z)
+        vae.save_pretrained(directory)

@@ -209,3 +209,25 @@ def test_named_configs():
     assert tiny.config.latent_upsample_factor == 8 and tiny.encoder is None
     assert count_parameters(tiny) < 3_000_000
     assert latent_decoder_config("openai").decoder_block_out_channels == (320, 640, 1024, 1024)
+
+
+def test_bf16_and_channels_last_follow_fp32():
+    model = small_decoder()
+    z = torch.randn(2, 4, 3, 5)
+    noise = torch.randn(2, 2, 3, 6, 10)
+    ref = model.decode(z, noise=noise)
+    twin = LatentDecoder(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    twin = twin.to(memory_format=torch.channels_last)
+    assert rel_err(twin.decode(z, noise=noise), ref) < 1e-5
+    twin = twin.to(torch.bfloat16)
+    out = twin.decode(z.bfloat16(), noise=noise)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
+
+
+def test_unet_exports_with_torch_export():
+    unet = small_decoder().decoder_unet
+    x, t = torch.randn(1, 7, 8, 12), torch.tensor([512])
+    program = torch.export.export(unet, (x, t))
+    with torch.no_grad():
+        assert rel_err(program.module()(x, t), unet(x, t)) < 1e-6

@@ -154,3 +154,17 @@ def test_named_configs_and_posterior():
     assert torch.allclose(post.sample(noise=noise), post.mean + post.std * noise)
     assert torch.equal(post.mode(), params[:, :4])
     assert torch.allclose(post.kl(post), torch.zeros(2), atol=1e-3)
+
+
+def test_bf16_and_channels_last_follow_fp32():
+    model = AutoencoderKL(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8).eval()
+    randomize(model, 11)
+    x = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    twin = AutoencoderKL(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ref = model(x)
+        twin = twin.to(memory_format=torch.channels_last)
+        assert rel_err(twin(x.to(memory_format=torch.channels_last)), ref) < 1e-5
+        out = twin.to(torch.bfloat16)(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2

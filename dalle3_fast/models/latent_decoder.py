@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -65,8 +65,6 @@ class ConsistencySchedule:
     Kept out of the module's buffers so casting the model to fp16/bf16 leaves them in float32.
     """
 
-    TABLES = ("alphas_cumprod", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "c_skip", "c_out", "c_in")
-
     def __init__(self, num_train_timesteps: int = 1024, sigma_data: float = 0.5):
         self.num_train_timesteps = num_train_timesteps
         self.sigma_data = sigma_data
@@ -90,7 +88,9 @@ class ConsistencySchedule:
         return self._tables[key][name]
 
     def timesteps_tensor(self, t, batch: int, device) -> torch.Tensor:
-        """t (int, 0-dim or (B,) integer tensor) -> (B,) long tensor, range-checked on CPU."""
+        """t (int, 0-dim or (B,) integer tensor) -> (B,) long tensor; ints and CPU tensors are range-checked."""
+        if isinstance(t, int) and not 0 <= t < self.num_train_timesteps:
+            raise ValueError(f"timestep {t} is outside [0, {self.num_train_timesteps})")
         t = torch.as_tensor(t, device=device)
         if t.is_floating_point():
             raise ValueError(f"timestep must be an integer in [0, {self.num_train_timesteps}), got dtype {t.dtype}")

@@ -12,9 +12,10 @@ from .detector import detect
 from .graph import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, WORD_POSITIONS, Group, GroupKey, Relation,
                     SceneGraph, SceneObject)
 from .parser import parse_caption
+from .prompts import CATEGORIES, PromptCase, prompt_cases
 from .scene import WORDS, generate, render, sample_scene, scene_seed
 from .samples import world_sample
 
 __all__ = ["generate", "render", "sample_scene", "scene_seed", "world_sample", "captions", "alt_text", "ssc", "dsc",
-           "parse_caption", "detect", "compare", "accuracy", "SceneGraph", "SceneObject", "Group", "GroupKey",
+           "parse_caption", "prompt_cases", "PromptCase", "CATEGORIES", "detect", "compare", "accuracy", "SceneGraph", "SceneObject", "Group", "GroupKey",
            "Relation", "SHAPES", "SIZES", "OBJECT_COLOURS", "BACKGROUND_COLOURS", "WORD_POSITIONS", "WORDS"]

@@ -57,15 +57,18 @@ def parse_caption(text: str) -> SceneGraph:
         if "QUOTED" in sentence and word_position is None:
             pos = _WORD_POS_RE.search(sentence)
             word_position = _WORD_POS[pos.group(1)] if pos else None
-        for g in _GROUP_RE.finditer(sentence):
+        intros = list(_GROUP_RE.finditer(sentence))
+        for g in intros:
             key = _key(g.group(2), g.group(3), g.group(4))
             groups.setdefault(key, _COUNTS[g.group(1)])
-        refs = list(_REF_RE.finditer(sentence))
+        refs = [(r.start(), _key(*r.groups())) for r in _REF_RE.finditer(sentence)]
+        if len(refs) < 2:  # a prompt such as "two red circles above a blue square"
+            refs = [(g.start(), _key(g.group(2), g.group(3), g.group(4))) for g in intros]
         preds = list(_PRED_RE.finditer(sentence))
         if len(refs) >= 2 and preds:
-            first, second = (_key(*r.groups()) for r in refs[:2])
+            first, second = refs[0][1], refs[1][1]
             # "To the left of the B is the A" names the object first
-            subject, obj = (second, first) if preds[0].start() < refs[0].start() else (first, second)
+            subject, obj = (second, first) if preds[0].start() < refs[0][0] else (first, second)
             for p in preds:
                 relations.add(canonical_relation(subject, _PHRASE_TO_PRED[p.group(1)], obj))
     objects = tuple(SceneObject(k.shape, k.colour, k.size) for k, n in groups.items() for _ in range(n))

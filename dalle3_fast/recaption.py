@@ -1,0 +1,237 @@
+"""Rewrite a dataset's captions with a trained captioner (DALL-E 3's recaptioning stage).
+
+    python -m dalle3_fast.recaption --captioner runs/captioner_dsc --input 'data/{000000..000099}.tar' \\
+        --output data_dsc --style dsc
+
+Each input shard becomes an output shard of the same name holding every original member of every
+sample plus a ``.dsc`` (or ``.ssc``) text member (and the field in ``.json`` with --update-json).
+
+Resumable: an output shard is written to a temp file and renamed when complete, so a rerun after a
+crash or kill -9 skips finished shards and redoes the interrupted one, losing or duplicating nothing.
+Distributed: under torchrun (RANK / WORLD_SIZE), rank r takes input shards r::world_size; ranks meet
+at a barrier at the end. Samples whose image does not decode are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .data.buckets import Bucket, image_to_tensor, resize_to_bucket
+from .data.shards import ShardStats, ShardWriter, expand_shards, iter_samples, remove_stale_temp_files
+from .io import CheckpointError, atomic_write_bytes
+
+STYLES = ("dsc", "ssc")
+METHODS = ("greedy", "beam", "nucleus")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+REPORT_DIR = "_recaption"
+
+
+@dataclass
+class RecaptionReport:
+    rank: int = 0
+    world_size: int = 1
+    shards_written: list[str] = field(default_factory=list)
+    shards_skipped: list[str] = field(default_factory=list)  # already complete from an earlier run
+    captioned: int = 0
+    seconds: float = 0.0
+    stats: ShardStats = field(default_factory=ShardStats)
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "world_size": self.world_size, "shards_written": self.shards_written,
+                "shards_skipped": self.shards_skipped, "captioned": self.captioned,
+                "seconds": round(self.seconds, 3), "images_per_second": round(self.captioned / self.seconds, 2)
+                if self.seconds else None, "read": self.stats.as_dict(), "errors": self.stats.errors}
+
+
+def load_captioner(directory, device: torch.device):
+    """The CoCa captioner saved by ``save_pretrained`` in ``directory``, in eval mode on ``device``."""
+    from .models.captioner import CoCa
+
+    model = CoCa.from_pretrained(directory, device=device)
+    if model.tokenizer is None:
+        raise CheckpointError(f"captioner {str(directory)!r} has no tokenizer/ directory; it cannot write text")
+    return model.eval()
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def _shard_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_size: int = 64,
+              max_new_tokens: int | None = None, method: str = "greedy", num_beams: int = 4, top_p: float = 0.9,
+              temperature: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32, update_json: bool = False,
+              rank: int = 0, world_size: int = 1, progress: bool = True) -> RecaptionReport:
+    """Caption this rank's share (``shards[rank::world_size]``) into ``output``; see the module doc."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    names = [Path(s).name for s in shards]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"input shards share file names {duplicates[:3]}; output shards are named after the "
+                         "input's, so give each input shard a distinct name")
+    for s in shards:
+        if (output / Path(s).name).resolve() == Path(s).resolve():
+            raise ValueError(f"--output {str(output)!r} would overwrite the input shard {s}; use another directory")
+
+    report = RecaptionReport(rank=rank, world_size=world_size)
+    device = model.device
+    size = model.config.image_size
+    autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext())
+    mine = shards[rank::world_size]
+    start = time.perf_counter()
+    bar = tqdm(unit="img", desc=f"recaption {style}" + (f" rank {rank}" if world_size > 1 else ""),
+               disable=not progress, dynamic_ncols=True)
+
+    def caption_batch(batch, generator):
+        images = torch.stack([t for _, t in batch]).to(device)
+        with torch.inference_mode(), autocast:
+            texts = model.generate(images, max_new_tokens=max_new_tokens, method=method, num_beams=num_beams,
+                                   top_p=top_p, temperature=temperature, generator=generator)
+        return [text.strip() for text in texts]
+
+    for shard in mine:
+        name = Path(shard).name
+        target = output / name
+        if target.exists():
+            report.shards_skipped.append(name)
+            continue
+        remove_stale_temp_files(output, name)
+        generator = None
+        if method == "nucleus":
+            generator = torch.Generator(device=device).manual_seed(_shard_seed(seed, name))
+        with ShardWriter(target) as writer:
+            batch = []
+
+            def flush():
+                for (sample, _), text in zip(batch, caption_batch(batch, generator)):
+                    members = dict(sample.members)
+                    members[style] = text
+                    if update_json and "json" in members:
+                        try:
+                            meta = json.loads(members["json"])
+                            if isinstance(meta, dict):
+                                members["json"] = {**meta, style: text}
+                        except ValueError:
+                            pass  # keep the original bytes; the reader counts it when it matters
+                    writer.write(sample.key, members)
+                report.captioned += len(batch)
+                bar.update(len(batch))
+                batch.clear()
+
+            for sample, image in iter_samples([shard], report.stats):
+                batch.append((sample, image_to_tensor(resize_to_bucket(image, Bucket(size, size)))))
+                if len(batch) == batch_size:
+                    flush()
+            if batch:
+                flush()
+        report.shards_written.append(name)
+    bar.close()
+    report.seconds = time.perf_counter() - start
+    report_path = output / REPORT_DIR / f"rank-{rank:05d}-of-{world_size:05d}.json"
+    atomic_write_bytes(report_path, (json.dumps(report.as_dict(), indent=2) + "\n").encode())
+    return report
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dalle3_fast.recaption", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--captioner", required=True, help="captioner directory written by CoCa.save_pretrained")
+    p.add_argument("--input", required=True, help="input shards, brace-expanded: 'data/{000000..000099}.tar'")
+    p.add_argument("--output", required=True, help="output directory; shards keep the input's file names")
+    p.add_argument("--style", choices=STYLES, default="dsc",
+                   help="caption member to add: dsc (descriptive) or ssc (short); match the captioner's fine-tune")
+    p.add_argument("--batch-size", type=int, default=64, help="images per generate call (default 64)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most new tokens per caption (default: the captioner's max_text_len - 1)")
+    p.add_argument("--method", choices=METHODS, default="greedy", help="decoding: greedy, beam or nucleus")
+    p.add_argument("--num-beams", type=int, default=4, help="beams for --method beam (default 4)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for --method nucleus (default 0.9)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --method nucleus")
+    p.add_argument("--seed", type=int, default=0, help="seed for nucleus sampling (per shard, so reruns agree)")
+    p.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                   help="autocast dtype: auto = bfloat16 (or float16) on GPU, float32 on CPU")
+    p.add_argument("--update-json", action="store_true", help="also store the caption in each sample's .json")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    distributed = world_size > 1
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        shards = expand_shards(args.input)
+        if not any(os.path.isfile(s) for s in shards):
+            raise ValueError(f"--input {args.input!r}: none of its {len(shards)} shards exist")
+        device = _device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        if distributed:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group(backend)
+        model = load_captioner(args.captioner, device)
+        report = recaption(model, shards, args.output, style=args.style, batch_size=args.batch_size,
+                           max_new_tokens=args.max_tokens, method=args.method, num_beams=args.num_beams,
+                           top_p=args.top_p, temperature=args.temperature, seed=args.seed, dtype=dtype,
+                           update_json=args.update_json, rank=rank, world_size=world_size,
+                           progress=not args.no_progress and rank == 0)
+    except (ValueError, CheckpointError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return 2
+    rate = report.captioned / report.seconds if report.seconds else 0.0
+    print(f"rank {rank}/{world_size}: captioned {report.captioned} images into {len(report.shards_written)} shards "
+          f"({len(report.shards_skipped)} already done) at {rate:.1f} images/s; read {report.stats}", file=sys.stderr)
+    if distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

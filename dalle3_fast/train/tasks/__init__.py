@@ -1,2 +1,2 @@
 """Built-in tasks; importing this package registers them."""
-from . import vae  # noqa: F401
+from . import decoder, vae  # noqa: F401

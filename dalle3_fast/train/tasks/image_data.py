@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import io
 import itertools
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
 import torch
 from PIL import Image
+
+from dalle3_fast.data.buckets import Bucket, bucket_batches, closest_bucket, image_to_tensor, resize_to_bucket
 
 
 @dataclass
@@ -33,19 +33,13 @@ class ImageDataOptions:
     buckets: list[list[int]] = field(default_factory=list)  # [[width, height], ...]
 
 
-def bucket_sizes(options: ImageDataOptions, multiple: int = 8) -> list[tuple[int, int]]:
+def bucket_sizes(options: ImageDataOptions, multiple: int = 8) -> list[Bucket]:
     sizes = [tuple(b) for b in options.buckets] or [(options.resolution, options.resolution)]
     for s in sizes:
         if len(s) != 2 or min(s) < multiple or s[0] % multiple or s[1] % multiple:
             raise ValueError(f"task_options.buckets / resolution: size {list(s)} must be [width, height], each a "
                              f"multiple of {multiple} and >= {multiple}")
-    return sizes
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) float32 in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1.0)
+    return [Bucket(int(w), int(h)) for w, h in sizes]
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:
@@ -53,22 +47,8 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.float().add(1).div(2).clamp(0, 1)
 
 
-def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Resize to cover (width, height), keeping the aspect ratio, then centre-crop."""
-    scale = max(width / image.width, height / image.height)
-    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    image = image.resize((w, h), Image.BICUBIC)
-    left, top = (w - width) // 2, (h - height) // 2
-    return image.crop((left, top, left + width, top + height))
-
-
-def nearest_bucket(width: int, height: int, sizes: list[tuple[int, int]]) -> int:
-    ratio = math.log(width / height)
-    return min(range(len(sizes)), key=lambda i: abs(math.log(sizes[i][0] / sizes[i][1]) - ratio))
-
-
 def _collate(images: list[Image.Image], records: list[dict]) -> dict:
-    return {"image": torch.stack([to_tensor(im) for im in images]), "records": records}
+    return {"image": torch.stack([image_to_tensor(im) for im in images]), "records": records}
 
 
 def world_batches(options: ImageDataOptions, batch_size: int, rank: int, world_size: int, start: int,
@@ -78,7 +58,8 @@ def world_batches(options: ImageDataOptions, batch_size: int, rank: int, world_s
     sizes = bucket_sizes(options, multiple)
     for m in itertools.count(start):
         g = m * world_size + rank  # global batch number
-        w, h = sizes[random.Random(f"{options.data_seed}:bucket:{g}").randrange(len(sizes))]
+        bucket = sizes[random.Random(f"{options.data_seed}:bucket:{g}").randrange(len(sizes))]
+        w, h = bucket.width, bucket.height
         pairs = [world_sample(options.data_seed, g * batch_size + j, w, h) for j in range(batch_size)]
         yield _collate([im for im, _ in pairs], [rec for _, rec in pairs])
 
@@ -115,19 +96,10 @@ def _record(sample) -> dict:
 def shard_batches(options: ImageDataOptions, batch_size: int, rank: int, world_size: int, start: int,
                   multiple: int = 8) -> Iterator[dict]:
     sizes = bucket_sizes(options, multiple)
-    pending: list[list] = [[] for _ in sizes]
-    emitted = 0
-    for sample, (w, h) in _shard_records(options, rank, world_size):
-        b = nearest_bucket(w, h, sizes)
-        pending[b].append(sample)
-        if len(pending[b]) < batch_size:
-            continue
-        samples, pending[b] = pending[b], []
-        emitted += 1
-        if emitted <= start:
-            continue  # resume: skipped without decoding
-        bw, bh = sizes[b]
-        yield _collate([cover_crop(s.image(), bw, bh) for s in samples], [_record(s) for s in samples])
+    assigned = ((closest_bucket(w, h, sizes), sample) for sample, (w, h) in _shard_records(options, rank, world_size))
+    for bucket, samples in itertools.islice(bucket_batches(assigned, batch_size, drop_last=True), start, None):
+        # batches before ``start`` (resume) were skipped above without decoding an image
+        yield _collate([resize_to_bucket(s.image(), bucket) for s in samples], [_record(s) for s in samples])
 
 
 def image_batches(options: ImageDataOptions, batch_size: int, rank: int, world_size: int, start: int,

@@ -1,0 +1,153 @@
+"""Tasks ``decoder`` (the latent decoder as a diffusion model) and ``decoder_distill`` (to 2 steps).
+
+``decoder``: EDM-preconditioned denoising on (image, VAE latent) pairs over the cosine 1024-step
+schedule: the network output F must equal ``(x0 - c_skip x_t) / c_out`` at a uniform timestep
+(the lambda-weighted x0 loss of Karras et al.), exactly the parameterisation ``predict_x0`` samples.
+
+``decoder_distill``: consistency distillation of a trained decoder (teacher, frozen) into a student
+initialised from it, with an EMA target network, per
+:func:`dalle3_fast.diffusion.consistency_distillation_loss`; the student then decodes in 2 steps.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dalle3_fast.diffusion import NoiseSchedule, consistency_distillation_loss, update_ema
+from dalle3_fast.models.latent_decoder import LatentDecoder, latent_decoder_config
+
+from ..task import Task, register_task
+from .frozen import freeze, load_frozen_vae, required_dir
+from .image_data import ImageDataOptions, image_batches, to_unit
+
+
+def consistency_fn(decoder: LatentDecoder, schedule: NoiseSchedule):
+    """``fn(x, sigma, cond=...) -> x0`` in VE coordinates (what the distillation helper takes)."""
+    def fn(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        t = schedule.sigma_to_t(sigma.double()).round().long()
+        x_vp = x * NoiseSchedule.vp_scale(sigma.double()).view(-1, 1, 1, 1).to(x.dtype)
+        return decoder.predict_x0(x_vp, cond, t)
+    return fn
+
+
+class _DecoderTaskBase(Task):
+    def _latents_condition(self, net: LatentDecoder, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.vae is not None:
+                z = self.vae.encode(images.to(next(self.vae.parameters()).dtype)).mode()
+            else:
+                z = net.encode(images).mode()
+            return net.condition(z.float()).to(images.dtype)
+
+    def _setup_vae(self, net: LatentDecoder) -> None:
+        self.vae = load_frozen_vae(self.options.vae, self.ctx.device) if self.options.vae else None
+        if self.vae is None and net.encoder is None:
+            raise ValueError("task_options.vae is required: this latent decoder has no encoder of its own "
+                             "(with_encoder false); pass the directory of the trained VAE")
+        if net.encoder is not None:  # latents come from a frozen encoder, never trained here
+            freeze(net.encoder)
+            freeze(net.quant_conv)
+        if self.ctx.activation_checkpointing:
+            net.decoder_unet.gradient_checkpointing = True
+        self._multiple = 8 * net.decoder_unet.size_multiple
+
+    def batches(self, batch_size, rank, world_size, start):
+        return image_batches(self.options, batch_size, rank, world_size, start, multiple=self._multiple)
+
+    def _held_out(self) -> torch.Tensor:
+        batch = next(image_batches(self.options, self.options.sample_count, 0, 1, 10_000_000, self._multiple))
+        return batch["image"].to(self.ctx.device)
+
+    def export(self, model, directory):
+        model.save_pretrained(directory)
+
+
+@register_task("decoder")
+class DecoderTask(_DecoderTaskBase):
+    @dataclass
+    class Options(ImageDataOptions):
+        model: str = "tiny"        # a named latent-decoder config (tiny, openai) or a directory to fine-tune
+        vae: str = ""              # the VAE whose latents are decoded (unless the decoder has its own encoder)
+        sample_count: int = 4
+        sample_steps: int = 20     # DDIM steps for the sample grid
+
+    def build_model(self) -> nn.Module:
+        o = self.options
+        net = LatentDecoder.from_pretrained(o.model).train() if Path(o.model).is_dir() else \
+            LatentDecoder(latent_decoder_config(o.model))
+        self._setup_vae(net)
+        return net
+
+    def loss(self, net: LatentDecoder, batch):
+        x0 = batch["image"]
+        cond = self._latents_condition(net, x0)
+        t = torch.randint(0, net.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        x_t = net.add_noise(x0, torch.randn_like(x0), t)
+        target = (x0 - net.c_skip(t, x_t) * x_t) / net.c_out(t, x_t)
+        loss = F.mse_loss(net.denoise(x_t, cond, t).float(), target.float())
+        return loss, {}
+
+    def sample(self, net: LatentDecoder, step):
+        net.eval()
+        x = self._held_out()
+        z = self.vae.encode(x).mode() if self.vae is not None else net.encode(x).mode()
+        g = torch.Generator(self.ctx.device).manual_seed(0)
+        decoded = net.ddim_decode(z, self.options.sample_steps, generator=g)
+        rows = [x, decoded]
+        if self.vae is not None:
+            rows.insert(1, self.vae.decode(z))
+        return to_unit(torch.cat(rows))
+
+
+@register_task("decoder_distill")
+class DecoderDistillTask(_DecoderTaskBase):
+    @dataclass
+    class Options(ImageDataOptions):
+        teacher: str = ""          # directory of the trained decoder (task ``decoder``'s final/)
+        vae: str = ""
+        skip: int = 20             # k: timesteps the teacher's DDIM step spans (LCM: 1000 / 50)
+        huber_c: float = 1e-3
+        target_decay: float = 0.95  # EMA of the target network
+        sample_count: int = 4
+
+    def build_model(self) -> nn.Module:
+        path = required_dir(self.options.teacher, "teacher", "the trained latent decoder")
+        self.teacher = freeze(LatentDecoder.from_pretrained(path, device=self.ctx.device))
+        student = LatentDecoder.from_pretrained(path).train()
+        self.target = freeze(copy.deepcopy(student).to(self.ctx.device))
+        self.schedule = NoiseSchedule("cosine", num_train_timesteps=student.num_train_timesteps)
+        self._setup_vae(student)
+        return student
+
+    def loss(self, net: LatentDecoder, batch):
+        x0 = batch["image"]
+        cond = self._latents_condition(net, x0)
+        loss = consistency_distillation_loss(
+            consistency_fn(net, self.schedule), consistency_fn(self.target, self.schedule),
+            consistency_fn(self.teacher, self.schedule), x0, self.schedule, skip=self.options.skip,
+            huber_c=self.options.huber_c, cond={"cond": cond})
+        return loss, {}
+
+    def after_step(self, net, step):
+        trained = [p for p in net.parameters() if p.requires_grad]
+        target = [p for p, q in zip(self.target.parameters(), net.parameters()) if q.requires_grad]
+        update_ema(target, trained, self.options.target_decay)
+
+    def state_dict(self):
+        return {f"target.{k}": v for k, v in self.target.state_dict().items()}
+
+    def load_state_dict(self, state):
+        self.target.load_state_dict({k[len("target."):]: v for k, v in state.items()}, strict=True)
+
+    def sample(self, net: LatentDecoder, step):
+        net.eval()
+        x = self._held_out()
+        z = self.vae.encode(x).mode() if self.vae is not None else net.encode(x).mode()
+        two_step = net.decode(z, generator=torch.Generator(self.ctx.device).manual_seed(0))
+        teacher = self.teacher.ddim_decode(z, 20, generator=torch.Generator(self.ctx.device).manual_seed(0))
+        return to_unit(torch.cat([x, teacher, two_step]))

@@ -5,10 +5,10 @@
 //   channels-first: one warp per (b*C + c, segment of S): per-channel constants are scalars;
 //   channels-last:  one block per (row chunk, b), each thread owns VEC adjacent channels and
 //                   walks rows, so per-channel constants live in registers.
-// Forward:  prep (group shift) -> stats (partial shifted sums per channel and chunk) ->
-//           finalize (mean/rstd per group, per-channel coefficients) -> apply (y).
-// Backward: prep (per-channel coefficients) -> stats (sum dy1, dy1*n, n per channel and chunk) ->
-//           finalize (dshift, dscale, dadd, group means of dn, dn*n) -> dweight/dbias -> apply (dx).
+// Forward:  stats (partial shifted sums per channel and chunk) -> finalize (mean/rstd per group,
+//           per-channel coefficients) -> apply (y).
+// Backward: stats (sum dy1, dy1*n, n per channel and chunk) -> finalize (dshift, dscale, dadd,
+//           group means of dn and dn*n) -> dweight/dbias -> apply (dx).
 // Sums are taken of x - K_g with K_g one element of the group, so partial sums of the same
 // group combine by addition and var = E[(x-K)^2] - E[x-K]^2 does not cancel catastrophically.
 // Partials are combined in a fixed order: results are deterministic.
@@ -36,15 +36,35 @@ __device__ __forceinline__ A silu_grad(A z, A dy) {
   return dy * s * (A(1) + z * (A(1) - s));
 }
 
-template <class A>
+// Sizes the per-channel operations need; B * C < 2^31 (checked by the launcher).
+struct GnDims {
+  int64_t B, C, S, G, nch;
+  bool cl;
+};
+
+// Shift of group g of sample b: x + add at the group's first element.
+template <class T, class A>
+__device__ __forceinline__ A group_shift(const GnDims& d, const T* __restrict__ x, ParamIn add, int b, int g) {
+  const int64_t c0 = static_cast<int64_t>(g) * (d.C / d.G);
+  const int64_t first = d.cl ? b * d.S * d.C + c0 : (b * d.C + c0) * d.S;
+  return to_acc<A>(x[first]) + load_param<A>(add, b * d.C + c0, A(0));
+}
+
+template <class T, class A>
 struct FwdStatsOp {
   static constexpr int NQ = 2;
   static constexpr bool kReadDy = false, kWrite = false, kReverse = false;
   struct Coef {
-    A o;
+    A o;  // add[b, c] - K_g
   };
-  const A* o;  // add[b, c] - K_g
-  __device__ Coef coef(int64_t bc) const { return {o[bc]}; }
+  GnDims d;
+  const T* x;
+  ParamIn add;
+  __device__ Coef coef(int64_t bc) const {
+    const int C = static_cast<int>(d.C), i = static_cast<int>(bc), b = i / C, c = i - b * C;
+    const int g = c / (C / static_cast<int>(d.G));
+    return {load_param<A>(add, bc, A(0)) - group_shift<T, A>(d, x, add, b, g)};
+  }
   __device__ void reduce(const Coef& k, A x, A, A* q) const {
     const A u = x + k.o;
     q[0] += u;
@@ -70,16 +90,32 @@ struct FwdApplyOp {
   }
 };
 
+// n = (x - m) * r, y1 = n * ws + bs for channel c of sample b.
+template <class A>
+struct BwdCoef {
+  A m, r, ws, bs;
+};
+
+template <class A>
+__device__ __forceinline__ BwdCoef<A> bwd_coef(const GnDims& d, const GroupNormParams& p, const A* __restrict__ mean,
+                                               const A* __restrict__ rstd, int64_t bc) {
+  const int C = static_cast<int>(d.C), i = static_cast<int>(bc), b = i / C, c = i - b * C;
+  const int bg = b * static_cast<int>(d.G) + c / (C / static_cast<int>(d.G));
+  const A w = load_param<A>(p.weight, c, A(1)), bi = load_param<A>(p.bias, c, A(0));
+  const A sc = A(1) + load_param<A>(p.scale, bc, A(0)), sh = load_param<A>(p.shift, bc, A(0));
+  return {mean[bg] - load_param<A>(p.add, bc, A(0)), rstd[bg], w * sc, bi * sc + sh};
+}
+
 template <class A>
 struct BwdStatsOp {
   static constexpr int NQ = 3;
   static constexpr bool kReadDy = true, kWrite = false, kReverse = false;
-  struct Coef {
-    A m, r, ws, bs;
-  };
-  const A *m, *r, *ws, *bs;  // n = (x - m) * r, y1 = n * ws + bs
+  using Coef = BwdCoef<A>;
+  GnDims d;
+  GroupNormParams p;
+  const A *mean, *rstd;
   bool silu;
-  __device__ Coef coef(int64_t bc) const { return {m[bc], r[bc], ws[bc], bs[bc]}; }
+  __device__ Coef coef(int64_t bc) const { return bwd_coef<A>(d, p, mean, rstd, bc); }
   __device__ void reduce(const Coef& k, A x, A dy, A* q) const {
     const A n = (x - k.m) * k.r;
     const A g = silu ? silu_grad(n * k.ws + k.bs, dy) : dy;
@@ -95,11 +131,16 @@ struct BwdApplyOp {
   static constexpr int NQ = 0;
   static constexpr bool kReadDy = true, kWrite = true, kReverse = true;
   struct Coef {
-    A m, r, ws, bs, k2, k3;
+    A m, r, ws, bs, k2, k3;  // dx = r * ws * dy1 - k2 - k3 * n
   };
-  const A *m, *r, *ws, *bs, *k2, *k3;  // dx = r * ws * dy1 - k2 - k3 * n
+  GnDims d;
+  GroupNormParams p;
+  const A *mean, *rstd, *k2, *k3;
   bool silu;
-  __device__ Coef coef(int64_t bc) const { return {m[bc], r[bc], ws[bc], bs[bc], k2[bc], k3[bc]}; }
+  __device__ Coef coef(int64_t bc) const {
+    const BwdCoef<A> k = bwd_coef<A>(d, p, mean, rstd, bc);
+    return {k.m, k.r, k.ws, k.bs, k2[bc], k3[bc]};
+  }
   __device__ void reduce(const Coef&, A, A, A*) const {}
   __device__ A apply(const Coef& k, A x, A dy) const {
     const A n = (x - k.m) * k.r;
@@ -238,35 +279,15 @@ gn_cl_kernel(Op op, const T* __restrict__ x, const T* __restrict__ dy, T* __rest
 
 // ------------------------------------------------------------------ small per-channel kernels
 
-struct GnDims {
-  int64_t B, C, S, G, nch;
-  bool cl;
-};
-
 __device__ __forceinline__ int64_t partial_index(const GnDims& d, int64_t b, int64_t c, int64_t chunk) {
   return d.cl ? (b * d.nch + chunk) * d.C + c : (b * d.C + c) * d.nch + chunk;
 }
 
-// o[b, c] = add[b, c] - K_g, K_g = x + add at the group's first element.
-template <class T>
-__global__ void gn_fwd_prep_kernel(GnDims d, const T* __restrict__ x, ParamIn add, acc_t<T>* __restrict__ o,
-                                   acc_t<T>* __restrict__ K) {
-  using A = acc_t<T>;
-  const int bc = blockIdx.x * blockDim.x + threadIdx.x;
-  if (bc >= d.B * d.C) return;
-  const int C = static_cast<int>(d.C), b = bc / C, c = bc - b * C, Cg = C / static_cast<int>(d.G), g = c / Cg,
-            c0 = g * Cg;
-  const int64_t first = d.cl ? b * d.S * d.C + c0 : (b * d.C + c0) * d.S;
-  const A k = to_acc<A>(x[first]) + load_param<A>(add, b * d.C + c0, A(0));
-  o[bc] = load_param<A>(add, bc, A(0)) - k;
-  if (c == c0) K[b * d.G + g] = k;
-}
-
-template <class A>
+template <class T, class A>
 __global__ void __launch_bounds__(kFinalizeThreads)
-gn_fwd_finalize_kernel(GnDims d, GroupNormParams p, A eps, const A* __restrict__ partial,
-                       const A* __restrict__ K, A* __restrict__ mean_out, A* __restrict__ rstd_out,
-                       A* __restrict__ cm, A* __restrict__ ca, A* __restrict__ cb) {
+gn_fwd_finalize_kernel(GnDims d, GroupNormParams p, A eps, const T* __restrict__ x, const A* __restrict__ partial,
+                       A* __restrict__ mean_out, A* __restrict__ rstd_out, A* __restrict__ cm, A* __restrict__ ca,
+                       A* __restrict__ cb) {
   __shared__ A scratch[32];
   const int G = static_cast<int>(d.G), nch = static_cast<int>(d.nch);
   const int bg = blockIdx.x, b = bg / G, g = bg - b * G, Cg = static_cast<int>(d.C) / G;
@@ -283,7 +304,7 @@ gn_fwd_finalize_kernel(GnDims d, GroupNormParams p, A eps, const A* __restrict__
   const A inv_n = recip(static_cast<A>(Cg * d.S));
   const A m1 = s1 * inv_n;
   const A var = max(s2 * inv_n - m1 * m1, A(0));
-  const A mean = K[bg] + m1;
+  const A mean = group_shift<T, A>(d, x, p.add, b, g) + m1;
   const A rstd = rsqrt_(var + eps);
   if (threadIdx.x == 0) {
     mean_out[bg] = mean;
@@ -299,22 +320,6 @@ gn_fwd_finalize_kernel(GnDims d, GroupNormParams p, A eps, const A* __restrict__
   }
 }
 
-template <class A>
-__global__ void gn_bwd_prep_kernel(GnDims d, GroupNormParams p, const A* __restrict__ mean,
-                                   const A* __restrict__ rstd, A* __restrict__ cm, A* __restrict__ cr,
-                                   A* __restrict__ cws, A* __restrict__ cbs) {
-  const int bc = blockIdx.x * blockDim.x + threadIdx.x;
-  if (bc >= d.B * d.C) return;
-  const int C = static_cast<int>(d.C), G = static_cast<int>(d.G);
-  const int b = bc / C, c = bc - b * C, bg = b * G + c / (C / G);
-  const A w = load_param<A>(p.weight, c, A(1)), bi = load_param<A>(p.bias, c, A(0));
-  const A sc = A(1) + load_param<A>(p.scale, bc, A(0)), sh = load_param<A>(p.shift, bc, A(0));
-  cm[bc] = mean[bg] - load_param<A>(p.add, bc, A(0));
-  cr[bc] = rstd[bg];
-  cws[bc] = w * sc;
-  cbs[bc] = bi * sc + sh;
-}
-
 struct GnBwdOut {
   ParamOut dadd, dscale, dshift;
 };
@@ -322,7 +327,7 @@ struct GnBwdOut {
 template <class A>
 __global__ void __launch_bounds__(kFinalizeThreads)
 gn_bwd_finalize_kernel(GnDims d, GroupNormParams p, GnBwdOut o, const A* __restrict__ partial,
-                       const A* __restrict__ rstd, const A* __restrict__ cws, A* __restrict__ sa,
+                       const A* __restrict__ rstd, A* __restrict__ sa,
                        A* __restrict__ sb, A* __restrict__ sn, A* __restrict__ k2, A* __restrict__ k3,
                        A* __restrict__ pa, A* __restrict__ pb) {
   __shared__ A scratch[32];
@@ -350,9 +355,10 @@ gn_bwd_finalize_kernel(GnDims d, GroupNormParams p, GnBwdOut o, const A* __restr
   __syncthreads();
   A t1 = A(0), t2 = A(0);
   for (int64_t cl = threadIdx.x; cl < Cg; cl += blockDim.x) {
-    const int64_t bc = b * d.C + g * Cg + cl;
-    t1 += cws[bc] * sa[bc];
-    t2 += cws[bc] * sb[bc];
+    const int64_t c = g * Cg + cl, bc = b * d.C + c;
+    const A ws = load_param<A>(p.weight, c, A(1)) * (A(1) + load_param<A>(p.scale, bc, A(0)));
+    t1 += ws * sa[bc];
+    t2 += ws * sb[bc];
   }
   t1 = block_sum(t1, scratch);
   t2 = block_sum(t2, scratch);
@@ -362,11 +368,11 @@ gn_bwd_finalize_kernel(GnDims d, GroupNormParams p, GnBwdOut o, const A* __restr
     const int64_t c = g * Cg + cl, bc = b * d.C + c;
     const A qa = sa[bc], qb = sb[bc], qn = sn[bc];
     const A w = load_param<A>(p.weight, c, A(1)), bi = load_param<A>(p.bias, c, A(0));
-    const A sc = A(1) + load_param<A>(p.scale, bc, A(0));
+    const A sc = A(1) + load_param<A>(p.scale, bc, A(0)), ws = w * sc;
     store_param<A>(o.dshift, bc, p.shift.ptr ? qa : A(0));
     store_param<A>(o.dscale, bc, p.scale.ptr ? w * qb + bi * qa : A(0));
     store_param<A>(o.dadd, bc,
-                   p.add.ptr ? r * (cws[bc] * qa - static_cast<A>(d.S) * mdn - mdnn * qn) : A(0));
+                   p.add.ptr ? r * (ws * qa - static_cast<A>(d.S) * mdn - mdnn * qn) : A(0));
     k2[bc] = r * mdn;
     k3[bc] = r * mdnn;
     pa[bc] = sc * qa;
@@ -407,8 +413,8 @@ GnPlan make_plan(const GroupNormShape& s) {
     p.seg_elems = seg;
     p.nch = ceil_div(s.S, seg);
   } else {
-    // About eight 512-thread blocks per SM in all, each at least 64 rows.
-    const int64_t want = std::max<int64_t>(1, std::min(ceil_div(8 * sms, s.B), ceil_div(s.S, 64)));
+    // About eight 512-thread blocks per SM in all, each at least 32 rows.
+    const int64_t want = std::max<int64_t>(1, std::min(ceil_div(8 * sms, s.B), ceil_div(s.S, 32)));
     p.rpc = ceil_div(s.S, want);
     p.nch = ceil_div(s.S, p.rpc);
   }
@@ -416,21 +422,19 @@ GnPlan make_plan(const GroupNormShape& s) {
 }
 
 struct GnWorkspace {
-  // Per-(b, c) arrays of acc type, each padded to 16 elements, then the group shifts, then partials.
-  static constexpr int kFwdArrays = 4;   // o, m, a, b
-  static constexpr int kBwdArrays = 11;  // m, r, ws, bs, sa, sb, sn, k2, k3, pa, pb
-  int64_t bc_pad, bg_pad, partial;
+  // Per-(b, c) arrays of acc type, each padded to 16 elements, then the partial sums.
+  static constexpr int kFwdArrays = 3;  // m, a, b
+  static constexpr int kBwdArrays = 7;  // sa, sb, sn, k2, k3, pa, pb
+  int64_t bc_pad, partial;
   size_t elem;
   size_t bytes(bool backward) const {
-    return elem * static_cast<size_t>((backward ? kBwdArrays : kFwdArrays) * bc_pad + bg_pad +
-                                      partial * (backward ? 3 : 2));
+    return elem * static_cast<size_t>((backward ? kBwdArrays : kFwdArrays) * bc_pad + partial * (backward ? 3 : 2));
   }
 };
 
 GnWorkspace workspace_layout(const GroupNormShape& s, const GnPlan& p) {
   GnWorkspace w;
   w.bc_pad = round_up(s.B * s.C, 16);
-  w.bg_pad = round_up(s.B * s.G, 16);
   w.partial = s.B * s.C * p.nch;
   w.elem = s.dtype == DType::kFloat64 ? 8 : 4;
   return w;
@@ -486,17 +490,16 @@ cudaError_t gn_fwd(const GroupNormShape& s, const GroupNormParams& prm, double e
   const GnWorkspace lay = workspace_layout(s, plan);
   const GnDims d = dims_of(s, plan);
   A* ws = static_cast<A*>(workspace);
-  A *o = ws, *cm = ws + lay.bc_pad, *ca = ws + 2 * lay.bc_pad, *cb = ws + 3 * lay.bc_pad;
-  A* K = ws + 4 * lay.bc_pad;
-  A* partial = K + lay.bg_pad;
+  A *cm = ws, *ca = ws + lay.bc_pad, *cb = ws + 2 * lay.bc_pad;
+  A* partial = ws + GnWorkspace::kFwdArrays * lay.bc_pad;
 
-  gn_fwd_prep_kernel<T><<<blocks_for(s.B * s.C, 256), 256, 0, stream>>>(d, x, prm.add, o, K);
   const bool vec = use_vec<T>(s, {x, y});
-  cudaError_t err = vec ? run_traversal<T, 16 / sizeof(T)>(s, plan, FwdStatsOp<A>{o}, x, nullptr, nullptr, partial, stream)
-                        : run_traversal<T, 1>(s, plan, FwdStatsOp<A>{o}, x, nullptr, nullptr, partial, stream);
+  const FwdStatsOp<T, A> stats{d, x, prm.add};
+  cudaError_t err = vec ? run_traversal<T, 16 / sizeof(T)>(s, plan, stats, x, nullptr, nullptr, partial, stream)
+                        : run_traversal<T, 1>(s, plan, stats, x, nullptr, nullptr, partial, stream);
   if (err != cudaSuccess) return err;
-  gn_fwd_finalize_kernel<A><<<static_cast<unsigned>(s.B * s.G), kFinalizeThreads, 0, stream>>>(
-      d, prm, static_cast<A>(eps), partial, K, mean, rstd, cm, ca, cb);
+  gn_fwd_finalize_kernel<T, A><<<static_cast<unsigned>(s.B * s.G), kFinalizeThreads, 0, stream>>>(
+      d, prm, static_cast<A>(eps), x, partial, mean, rstd, cm, ca, cb);
   const FwdApplyOp<A> apply{cm, ca, cb, prm.silu};
   err = vec ? run_traversal<T, 16 / sizeof(T)>(s, plan, apply, x, nullptr, y, nullptr, stream)
             : run_traversal<T, 1>(s, plan, apply, x, nullptr, y, nullptr, stream);
@@ -515,20 +518,18 @@ cudaError_t gn_bwd(const GroupNormShape& s, const GroupNormParams& prm, const T*
   A* ws = static_cast<A*>(workspace);
   A* arr[GnWorkspace::kBwdArrays];
   for (int i = 0; i < GnWorkspace::kBwdArrays; ++i) arr[i] = ws + i * lay.bc_pad;
-  A *cm = arr[0], *cr = arr[1], *cws = arr[2], *cbs = arr[3], *sa = arr[4], *sb = arr[5], *sn = arr[6];
-  A *k2 = arr[7], *k3 = arr[8], *pa = arr[9], *pb = arr[10];
-  A* partial = ws + GnWorkspace::kBwdArrays * lay.bc_pad + lay.bg_pad;
+  A *sa = arr[0], *sb = arr[1], *sn = arr[2], *k2 = arr[3], *k3 = arr[4], *pa = arr[5], *pb = arr[6];
+  A* partial = ws + GnWorkspace::kBwdArrays * lay.bc_pad;
 
-  gn_bwd_prep_kernel<A><<<blocks_for(s.B * s.C, 256), 256, 0, stream>>>(d, prm, mean, rstd, cm, cr, cws, cbs);
   const bool vec = use_vec<T>(s, {x, dy, dx});
-  const BwdStatsOp<A> stats{cm, cr, cws, cbs, prm.silu};
+  const BwdStatsOp<A> stats{d, prm, mean, rstd, prm.silu};
   cudaError_t err = vec ? run_traversal<T, 16 / sizeof(T)>(s, plan, stats, x, dy, nullptr, partial, stream)
                         : run_traversal<T, 1>(s, plan, stats, x, dy, nullptr, partial, stream);
   if (err != cudaSuccess) return err;
   gn_bwd_finalize_kernel<A><<<static_cast<unsigned>(s.B * s.G), kFinalizeThreads, 0, stream>>>(
-      d, prm, outs, partial, rstd, cws, sa, sb, sn, k2, k3, pa, pb);
+      d, prm, outs, partial, rstd, sa, sb, sn, k2, k3, pa, pb);
   gn_dweight_dbias_kernel<A><<<blocks_for(s.C, 256), 256, 0, stream>>>(s.B, s.C, pa, pb, dweight, dbias);
-  const BwdApplyOp<A> apply{cm, cr, cws, cbs, k2, k3, prm.silu};
+  const BwdApplyOp<A> apply{d, prm, mean, rstd, k2, k3, prm.silu};
   err = vec ? run_traversal<T, 16 / sizeof(T)>(s, plan, apply, x, dy, dx, nullptr, stream)
             : run_traversal<T, 1>(s, plan, apply, x, dy, dx, nullptr, stream);
   if (err != cudaSuccess) return err;
@@ -539,7 +540,7 @@ bool shape_ok(const GroupNormShape& s) {
   if (!(s.B > 0 && s.C > 0 && s.S > 0 && s.G > 0 && s.C % s.G == 0 && s.B <= 65535)) return false;
   const GnPlan p = make_plan(s);
   // 32-bit index math in the kernels.
-  return s.B * s.C * p.nch < (int64_t(1) << 31) && (s.C / s.G) * p.nch < (int64_t(1) << 31);
+  return s.B * s.C * p.nch < (int64_t(1) << 31);
 }
 
 }  // namespace

@@ -137,7 +137,7 @@ class UNet(nn.Module):
 
     def save_pretrained(self, directory, *, variant: str | None = None) -> None:
         """Write ``directory/config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` (diffusers format)."""
-        config = {"_class_name": unet_config.DIFFUSERS_CLASS, "_diffusers_version": "0.30.0", **self.config}
+        config = {"_class_name": unet_config.DIFFUSERS_CLASS, **self.config}
         io.save_pretrained(self, config, directory, weights_name=_variant_name(WEIGHTS_NAME, variant))
 
     @classmethod

@@ -1,2 +1,2 @@
 """Built-in tasks; importing this package registers them."""
-from . import decoder, vae  # noqa: F401
+from . import captioner, decoder, unet, vae  # noqa: F401

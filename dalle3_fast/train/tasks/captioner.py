@@ -1,0 +1,87 @@
+"""Task ``captioner``: the CoCa captioner (contrastive + captioning loss, models/captioner).
+
+Pre-train on alt-text (``caption_key`` "alt"), then fine-tune from that checkpoint (``init_from``) on
+short synthetic captions ("ssc") or descriptive ones ("dsc"), as DALL-E 3 does.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from dalle3_fast.models.captioner import CoCa, CoCaConfig
+
+from ..task import Task, register_task
+from .image_data import ImageDataOptions, image_batches, to_unit, world_captions
+
+
+@register_task("captioner")
+class CaptionerTask(Task):
+    @dataclass
+    class Options(ImageDataOptions):
+        preset: str = "tiny"          # CoCaConfig preset (tiny, small, base, large) for a new model
+        init_from: str = ""           # a captioner directory to fine-tune (SSC / DSC stages)
+        tokenizer: str = ""           # a tokenizer directory; "" trains one on scene-world captions
+        tokenizer_vocab: int = 1000
+        caption_key: str = "alt"      # alt | ssc | dsc: which caption of each record is the target
+        sample_count: int = 4
+
+    def build_model(self) -> nn.Module:
+        o = self.options
+        if o.init_from:
+            model = CoCa.from_pretrained(o.init_from).train()
+        else:
+            from dalle3_fast.models.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(o.tokenizer or self._world_tokenizer())
+            model = CoCa.from_tokenizer(tokenizer, CoCaConfig.preset(o.preset, image_size=o.resolution))
+        if self.ctx.activation_checkpointing:
+            raise ValueError("activation_checkpointing: the CoCa captioner has no checkpointing switch; set it false")
+        self.tokenizer, self._max_len = model.tokenizer, model.config.max_text_len
+        return model
+
+    def _world_tokenizer(self) -> Path:
+        """Train a tokenizer on scene-world captions once (rank 0), saved to OUT/tokenizer."""
+        import torch.distributed as dist
+
+        from dalle3_fast.models.tokenizer import SentencePieceTokenizer
+
+        directory = self.ctx.out_dir / "tokenizer"
+        if (not dist.is_initialized() or dist.get_rank() == 0) and not directory.is_dir():
+            texts = world_captions(self.options.data_seed, 2000)
+            SentencePieceTokenizer.train(texts, vocab_size=self.options.tokenizer_vocab).save_pretrained(directory)
+        if dist.is_initialized():
+            dist.barrier()
+        return directory
+
+    def batches(self, batch_size, rank, world_size, start):
+        o = self.options
+        for batch in image_batches(o, batch_size, rank, world_size, start, multiple=8):
+            texts = []
+            for r in batch["records"]:
+                if r.get(o.caption_key) is None:
+                    raise ValueError(f"sample {r.get('key', '?')!r} has no {o.caption_key!r} caption; "
+                                     "set task_options.caption_key to one the data has")
+                texts.append(r[o.caption_key])
+            tokens = self.tokenizer.encode(texts, max_length=self._max_len, add_bos=True, add_eos=True)
+            yield {"image": batch["image"], "ids": tokens.ids, "lengths": tokens.lengths}
+
+    def loss(self, model: CoCa, batch):
+        out = model(batch["image"], batch["ids"], batch["lengths"])
+        return out["loss"], {"contrastive": out["contrastive"], "caption": out["caption"]}
+
+    def sample(self, model: CoCa, step):
+        model.eval()
+        batch = next(image_batches(self.options, self.options.sample_count, 0, 1, 10_000_000, 8))
+        images = batch["image"].to(self.ctx.device)
+        lines = [json.dumps({"step": step, "caption": text, "reference": record.get(self.options.caption_key)})
+                 for record, text in zip(batch["records"], model.generate(images))]
+        if self.ctx.rank == 0:
+            (self.ctx.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            with open(self.ctx.out_dir / "samples" / "captions.jsonl", "a") as f:
+                f.write("\n".join(lines) + "\n")
+        return to_unit(images)
+
+    def export(self, model: CoCa, directory: Path):
+        model.save_pretrained(directory)

@@ -229,6 +229,14 @@ def test_named_configs_have_diffusers_parameter_layout(name):
     assert ours_shapes == ref_shapes
 
 
+def test_public_properties(tiny_unet):
+    assert (tiny_unet.in_channels, tiny_unet.out_channels, tiny_unet.text_dim) == (4, 4, 64)
+    assert not tiny_unet.size_conditioned
+    with torch.device("meta"):
+        assert UNet.from_config("dalle3-t5").size_conditioned
+        assert UNet.from_config(PARITY_CASES["scale-shift-text-time"][0]).text_dim == 24
+
+
 def test_text_time_helpers():
     tokens = torch.randn(2, 5, 4)
     pooled = pooled_text_embeds(tokens, torch.tensor([2, 0]))

@@ -190,6 +190,24 @@ class UNet(nn.Module):
 
     # ----------------------------------------------------------------- conditioning
     @property
+    def in_channels(self) -> int:
+        return self._config["in_channels"]
+
+    @property
+    def out_channels(self) -> int:
+        return self._config["out_channels"]
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text tokens forward takes (encoder_hid_dim, else cross_attention_dim)."""
+        return self._config["text_dim"]
+
+    @property
+    def size_conditioned(self) -> bool:
+        """True when forward needs added_cond_kwargs {"text_embeds", "time_ids"} (addition_embed_type "text_time")."""
+        return self._config["addition_embed_type"] == "text_time"
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.conv_in.weight.dtype
 

@@ -53,6 +53,14 @@ at::Tensor dense_aligned(const at::Tensor& t) {
   return c;
 }
 
+// `result` with the strides empty_like(like) has, as the fake implementations promise.
+at::Tensor like_layout(const at::Tensor& result, const at::Tensor& like) {
+  if (result.strides() == like.strides()) return result;
+  at::Tensor r = at::empty_like(like);
+  if (r.strides() == result.strides()) return result;
+  return r.copy_(result);
+}
+
 at::ScalarType stats_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ------------------------------------------------------------------ GroupNorm + SiLU
@@ -142,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_op(
   check_launch(cuda::group_norm_silu_fwd(s.shape, s.params, eps, x.data_ptr(), y.data_ptr(), mean.data_ptr(),
                                          rstd.data_ptr(), ws.data_ptr(), c10::cuda::getCurrentCUDAStream()),
                op);
-  return {y, mean, rstd};
+  return {like_layout(y, x_in), mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_silu_bwd_op(
@@ -180,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                          param_out(dscale, op, "x"), param_out(dshift, op, "x"), ws.data_ptr(),
                                          c10::cuda::getCurrentCUDAStream()),
                op);
-  return {dx, dweight, dbias, dadd, dscale, dshift};
+  return {like_layout(dx, x_in), like_layout(dweight, weight), like_layout(dbias, bias), dadd, dscale, dshift};
 }
 
 // ------------------------------------------------------------------ attention
@@ -244,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
                                    static_cast<float>(scale), out.data_ptr(), lse.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()),
                op);
-  return {out, lse};
+  return {like_layout(out, q), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_op(const at::Tensor& grad_out, const at::Tensor& q,
@@ -275,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_op(const at::Tensor
                                    dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()),
                op);
-  return {dq, dk, dv};
+  return {like_layout(dq, q), like_layout(dk, k), like_layout(dv, v)};
 }
 
 }  // namespace

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,6 +265,16 @@ def load_tokenizer(directory) -> SentencePieceTokenizer | HFTokenizer:
                             f"(ours) or one of {', '.join(hf_files)} (transformers)")
 
 
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package (and torch's decorators), so a warning
+    points at the user's line."""
+    internal = (str(Path(__file__).resolve().parents[1]), str(Path(torch.__file__).resolve().parent))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(internal):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def check_truncation(batch: TokenizedBatch, max_length: int, truncate: bool, who: str) -> None:
     """The policy for prompts longer than ``max_length`` tokens: warn when ``truncate``, else one clear error.
 
@@ -274,7 +285,7 @@ def check_truncation(batch: TokenizedBatch, max_length: int, truncate: bool, who
         return
     if truncate:
         warnings.warn(f"{who}: {len(cut)} prompt(s) (index {', '.join(map(str, cut[:8]))}) are longer than "
-                      f"{max_length} tokens and were truncated", stacklevel=3)
+                      f"{max_length} tokens and were truncated", stacklevel=_caller_stacklevel())
         return
     raise ValueError(f"{who}: prompt {cut[0]} is longer than the limit of {max_length} tokens; "
                      "shorten it, raise max_tokens, or pass truncate=True")

@@ -94,6 +94,8 @@ def test_ranks_and_workers_partition_the_shards(shards):
             d.set_epoch(epoch)
         orders.append(tuple(ranks[0].my_shards() + ranks[1].my_shards()))
     assert len(set(orders)) > 1
+    with pytest.raises(ValueError, match="gets no shard"):
+        BlendedShardDataset(shards, rank=4, world_size=5).my_shards()
     ds = BlendedShardDataset(shards, rank=0, world_size=1, batch_size=4, drop_last=False, seed=0)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     batches = list(loader)

@@ -109,6 +109,9 @@ class BlendedShardDataset(IterableDataset):
         shards = list(self.shards)
         random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(shards)
         shards = shards[rank::world]
+        if not shards:
+            raise ValueError(f"rank {rank} of {world} gets no shard: {len(self.shards)} shards cannot feed {world} "
+                             "ranks; write the data in at least as many shards as ranks (smaller --shard-size)")
         info = get_worker_info()
         if info is not None:
             shards = shards[info.id::info.num_workers]

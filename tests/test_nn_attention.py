@@ -15,6 +15,15 @@ from diffusers.models.embeddings import Timesteps as DTimesteps  # noqa: E402
 from diffusers import Transformer2DModel  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # these tensors are tiny: one thread is as fast as two and does not thrash on a busy machine
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

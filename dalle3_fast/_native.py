@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 log = logging.getLogger("dalle3_fast")
 
@@ -30,8 +31,12 @@ def has_cpu_kernels() -> bool:
     return _C is not None
 
 
+# Read once: torch.compile cannot trace a call into the extension module.
+_HAS_CUDA = _C is not None and bool(_C.has_cuda())
+
+
 def has_cuda_kernels() -> bool:
-    return _C is not None and bool(_C.has_cuda())
+    return _HAS_CUDA
 
 
 def why_not(backend: str) -> str:
@@ -40,7 +45,7 @@ def why_not(backend: str) -> str:
     if backend == "cuda":
         if _C is None:
             return _load_error or "unknown reason"
-        if not _C.has_cuda():
+        if not _HAS_CUDA:
             return "the extension was built without CUDA (torch had no CUDA or nvcc was missing at build time)"
         return "no CUDA device is visible"
     if backend == "triton":
@@ -57,6 +62,7 @@ def report_once() -> None:
     from dalle3_fast.ops.dispatch import available_backends
 
     msg = "dalle3_fast backends live: " + ", ".join(available_backends())
-    if _C is None:
-        msg += f" ({_load_error})"
-    log.info(msg)
+    if _C is None and os.environ.get("DALLE3_FAST_NO_NATIVE") != "1":
+        warnings.warn(f"{msg}; {_load_error}", RuntimeWarning, stacklevel=3)
+    else:
+        log.info(msg)

@@ -16,6 +16,8 @@ from dalle3_fast import _native
 from dalle3_fast.ops import checks, reference
 from dalle3_fast.ops.dispatch import BACKENDS, available_backends, forced_backend, resolve, use_backend
 
+_native.report_once()
+
 __all__ = [
     "group_norm_silu", "attention", "cross_attention",
     "use_backend", "available_backends", "forced_backend", "BACKENDS", "reference",
@@ -44,7 +46,6 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
     backend = resolve("group_norm_silu", x.device)
     if backend == "reference":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, add=add, scale=scale, shift=shift, silu=silu)
-    _native.report_once()
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
         x = x.contiguous()
     y, _, _ = _custom_ops().group_norm_silu_fwd(
@@ -61,7 +62,6 @@ def _attention(op, q, k, v, key_lengths, scale):
     backend = resolve(op, q.device)
     if backend == "reference":
         return reference.cross_attention(q, k, v, key_lengths, scale=scale)
-    _native.report_once()
     out, _ = _custom_ops().attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_lengths, scale, backend)
     return out
 

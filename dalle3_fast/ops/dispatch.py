@@ -8,6 +8,7 @@ takes the fastest live backend for its tensors' device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 from dalle3_fast import _native
@@ -38,6 +39,11 @@ def _triton_live() -> bool:
 
 def available_backends() -> list[str]:
     """The backends that can run in this process, in the order of ``BACKENDS``."""
+    return list(_live_backends())
+
+
+@functools.cache
+def _live_backends() -> tuple[str, ...]:
     import torch
 
     live = ["reference"]
@@ -47,7 +53,7 @@ def available_backends() -> list[str]:
         live.append("triton")
     if _native.has_cuda_kernels() and torch.cuda.is_available():
         live.append("cuda")
-    return live
+    return tuple(live)
 
 
 @contextlib.contextmanager
@@ -55,7 +61,7 @@ def use_backend(name: str):
     """Force backend ``name`` for every fused op called inside the block."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    live = available_backends()
+    live = _live_backends()
     if name not in live:
         raise RuntimeError(
             f"use_backend: backend {name!r} is not live in this process (live: {', '.join(live)}); "
@@ -84,7 +90,7 @@ def resolve(op: str, device) -> str:
             raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
         return name
     if device.type == "cuda":
-        live = available_backends()
+        live = _live_backends()
         for candidate in _CUDA_PREFERENCE[op]:
             if candidate in live:
                 return candidate

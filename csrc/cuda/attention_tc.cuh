@@ -39,12 +39,6 @@ bool dispatch_head_dim(int64_t D, F&& f) {
   }
 }
 
-template <class K>
-cudaError_t allow_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-}
-
 // Launchers of the fp32/fp64 path (attention_simple.cu).
 cudaError_t attention_simple_fwd(const AttentionShape& s, const void* q, const void* k, const void* v,
                                  const int32_t* key_lengths, float scale, void* out, void* lse, cudaStream_t stream);

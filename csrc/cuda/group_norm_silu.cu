@@ -1,7 +1,12 @@
 // GroupNorm (+ add, scale/shift modulation) + SiLU, forward and backward, for
 // channels-first (B, C, S) and channels-last (B, S, C) tensors.
 //
-// Every pass walks the tensor with one of two traversals:
+// Channels-first tensors whose group fits in shared memory take the single-pass path: one CTA
+// per (b, g) reads the group once into shared memory, takes exact two-pass statistics there and
+// writes y (backward: dx, and per-channel sums for dweight/dbias) from it. The environment
+// variable DALLE3_FAST_GN_PATH=split|fused|auto (default auto) forces a path, for testing.
+//
+// Otherwise every pass walks the tensor with one of two traversals:
 //   channels-first: one warp per (b*C + c, segment of S): per-channel constants are scalars;
 //   channels-last:  one block per (row chunk, b), each thread owns VEC adjacent channels and
 //                   walks rows, so per-channel constants live in registers.
@@ -15,6 +20,8 @@
 // The apply passes walk the tensor in the reverse order of the stats passes so the most
 // recently read data is still in L2 when re-read.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -394,6 +401,171 @@ __global__ void gn_dweight_dbias_kernel(int64_t B, int64_t C, const A* __restric
   store_param<A>(dweight, c, dw);
 }
 
+// ------------------------------------------------------------------ single-pass path (channels-first)
+
+constexpr int kFusedThreads = 512;
+
+// Shared memory of the single-pass kernels: NCOEF per-channel arrays of acc type, 32 reduction
+// slots, then the cached group (NTENSORS tensors of Cg * S elements of T).
+template <class A>
+__host__ __device__ constexpr size_t fused_coef_bytes(int64_t Cg, int ncoef) {
+  return (static_cast<size_t>(ncoef * Cg + 32) * sizeof(A) + 15) / 16 * 16;
+}
+constexpr int kFusedFwdCoefs = 3, kFusedBwdCoefs = 6;
+
+template <class T, int VEC>
+__global__ void __launch_bounds__(kFusedThreads, 1)
+gn_fused_fwd_kernel(GnDims d, GroupNormParams p, acc_t<T> eps, const T* __restrict__ x, T* __restrict__ y,
+                    acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ rstd_out) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char gn_smem[];
+  const int G = static_cast<int>(d.G), C = static_cast<int>(d.C), Cg = C / G, S = static_cast<int>(d.S);
+  const int bg = blockIdx.x, b = bg / G, g = bg - b * G, n = Cg * S;
+  A* cadd = reinterpret_cast<A*>(gn_smem);  // add, then the apply coefficients m, a, b
+  A* ca = cadd + Cg;
+  A* cb = ca + Cg;
+  A* scratch = cb + Cg;
+  T* sx = reinterpret_cast<T*>(gn_smem + fused_coef_bytes<A>(Cg, kFusedFwdCoefs));
+  const int64_t base = (static_cast<int64_t>(b) * C + g * Cg) * S;
+  for (int c = threadIdx.x; c < Cg; c += blockDim.x) cadd[c] = load_param<A>(p.add, b * C + g * Cg + c, A(0));
+  __syncthreads();
+  A s1 = A(0);
+  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
+    const Vec<T, VEC> v = load_vec<T, VEC>(x + base + i);
+    store_vec<T, VEC>(sx + i, v);
+    const A ad = cadd[i / S];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) s1 += to_acc<A>(v.v[j]) + ad;
+  }
+  const A inv_n = recip(static_cast<A>(n));
+  const A mean = block_sum(s1, scratch) * inv_n;
+  A s2 = A(0);
+  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {  // this thread's own shared-memory writes
+    const Vec<T, VEC> v = load_vec<T, VEC>(sx + i);
+    const A ad = cadd[i / S] - mean;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A u = to_acc<A>(v.v[j]) + ad;
+      s2 += u * u;
+    }
+  }
+  const A rstd = rsqrt_(block_sum(s2, scratch) * inv_n + eps);  // block_sum ends the reads of cadd
+  for (int c = threadIdx.x; c < Cg; c += blockDim.x) {
+    const int64_t bc = static_cast<int64_t>(b) * C + g * Cg + c;
+    const A w = load_param<A>(p.weight, g * Cg + c, A(1)), bi = load_param<A>(p.bias, g * Cg + c, A(0));
+    const A sc = A(1) + load_param<A>(p.scale, bc, A(0)), sh = load_param<A>(p.shift, bc, A(0));
+    cadd[c] = mean - cadd[c];
+    ca[c] = rstd * w * sc;
+    cb[c] = bi * sc + sh;
+  }
+  __syncthreads();
+  const FwdApplyOp<A> op{cadd, ca, cb, p.silu};
+  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
+    const Vec<T, VEC> v = load_vec<T, VEC>(sx + i);
+    const typename FwdApplyOp<A>::Coef k = op.coef(i / S);
+    Vec<T, VEC> o;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o.v[j] = from_acc<T>(op.apply(k, to_acc<A>(v.v[j]), A(0)));
+    store_vec<T, VEC>(y + base + i, o);
+  }
+  if (threadIdx.x == 0) {
+    mean_out[bg] = mean;
+    rstd_out[bg] = rstd;
+  }
+}
+
+// Backward of one (b, g): per-channel sums by one warp per channel over the cached x and dy,
+// then dx. dadd/dscale/dshift are written here; (1 + scale) * sums go to pa/pb for dweight/dbias.
+template <class T, int VEC>
+__global__ void __launch_bounds__(kFusedThreads, 1)
+gn_fused_bwd_kernel(GnDims d, GroupNormParams p, GnBwdOut o, const T* __restrict__ dy, const T* __restrict__ x,
+                    const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ rstd, T* __restrict__ dx,
+                    acc_t<T>* __restrict__ pa, acc_t<T>* __restrict__ pb) {
+  using A = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char gn_smem[];
+  const int G = static_cast<int>(d.G), C = static_cast<int>(d.C), Cg = C / G, S = static_cast<int>(d.S);
+  const int bg = blockIdx.x, b = bg / G, g = bg - b * G, n = Cg * S;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  A* cm = reinterpret_cast<A*>(gn_smem);  // n = (x - m) * r, y1 = n * ws + bs
+  A* cws = cm + Cg;
+  A* cbs = cws + Cg;
+  A* sa = cbs + Cg;  // sum dy1, sum dy1 * n, sum n per channel
+  A* sb = sa + Cg;
+  A* sn = sb + Cg;
+  A* scratch = sn + Cg;
+  T* sx = reinterpret_cast<T*>(gn_smem + fused_coef_bytes<A>(Cg, kFusedBwdCoefs));
+  T* sdy = sx + n;  // n * sizeof(T) is a multiple of 16 when VEC > 1 (S % VEC == 0)
+  const int64_t base = (static_cast<int64_t>(b) * C + g * Cg) * S;
+  const A r = rstd[bg];
+  for (int c = threadIdx.x; c < Cg; c += blockDim.x) {
+    const BwdCoef<A> k = bwd_coef<A>(d, p, mean, rstd, static_cast<int64_t>(b) * C + g * Cg + c);
+    cm[c] = k.m;
+    cws[c] = k.ws;
+    cbs[c] = k.bs;
+  }
+  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
+    store_vec<T, VEC>(sx + i, load_vec<T, VEC>(x + base + i));
+    store_vec<T, VEC>(sdy + i, load_vec<T, VEC>(dy + base + i));
+  }
+  __syncthreads();
+  for (int c = warp; c < Cg; c += nwarps) {
+    const A m = cm[c], ws = cws[c], bs = cbs[c];
+    A qa = A(0), qb = A(0), qn = A(0);
+    for (int s = lane * VEC; s < S; s += 32 * VEC) {
+      const Vec<T, VEC> xv = load_vec<T, VEC>(sx + c * S + s), gv = load_vec<T, VEC>(sdy + c * S + s);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const A nn = (to_acc<A>(xv.v[j]) - m) * r;
+        const A gg = p.silu ? silu_grad(nn * ws + bs, to_acc<A>(gv.v[j])) : to_acc<A>(gv.v[j]);
+        qa += gg;
+        qb += gg * nn;
+        qn += nn;
+      }
+    }
+    qa = warp_sum(qa);
+    qb = warp_sum(qb);
+    qn = warp_sum(qn);
+    if (lane == 0) {
+      sa[c] = qa;
+      sb[c] = qb;
+      sn[c] = qn;
+    }
+  }
+  __syncthreads();
+  A t1 = A(0), t2 = A(0);
+  for (int c = threadIdx.x; c < Cg; c += blockDim.x) {
+    t1 += cws[c] * sa[c];
+    t2 += cws[c] * sb[c];
+  }
+  const A inv_n = recip(static_cast<A>(n));
+  const A mdn = block_sum(t1, scratch) * inv_n, mdnn = block_sum(t2, scratch) * inv_n;
+  for (int c = threadIdx.x; c < Cg; c += blockDim.x) {
+    const int64_t bc = static_cast<int64_t>(b) * C + g * Cg + c;
+    const A qa = sa[c], qb = sb[c], qn = sn[c];
+    const A w = load_param<A>(p.weight, g * Cg + c, A(1)), bi = load_param<A>(p.bias, g * Cg + c, A(0));
+    const A sc = A(1) + load_param<A>(p.scale, bc, A(0));
+    store_param<A>(o.dshift, bc, p.shift.ptr ? qa : A(0));
+    store_param<A>(o.dscale, bc, p.scale.ptr ? w * qb + bi * qa : A(0));
+    store_param<A>(o.dadd, bc, p.add.ptr ? r * (cws[c] * qa - static_cast<A>(S) * mdn - mdnn * qn) : A(0));
+    pa[bc] = sc * qa;
+    pb[bc] = sc * qb;
+  }
+  const A k2 = r * mdn, k3 = r * mdnn;
+  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
+    const int c = i / S;
+    const A m = cm[c], ws = cws[c], bs = cbs[c];
+    const Vec<T, VEC> xv = load_vec<T, VEC>(sx + i), gv = load_vec<T, VEC>(sdy + i);
+    Vec<T, VEC> ov;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const A nn = (to_acc<A>(xv.v[j]) - m) * r;
+      const A gg = p.silu ? silu_grad(nn * ws + bs, to_acc<A>(gv.v[j])) : to_acc<A>(gv.v[j]);
+      ov.v[j] = from_acc<T>(gg * (r * ws) - k2 - k3 * nn);
+    }
+    store_vec<T, VEC>(dx + base + i, ov);
+  }
+}
+
 // ------------------------------------------------------------------ planning
 
 struct GnPlan {
@@ -482,10 +654,68 @@ GnDims dims_of(const GroupNormShape& s, const GnPlan& p) {
 
 unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>(ceil_div(n, threads)); }
 
+// Shared memory of the single-pass kernels for this shape (0 when it does not apply).
+size_t fused_smem_bytes(const GroupNormShape& s, bool backward) {
+  if (s.channels_last) return 0;
+  const size_t elem = dtype_size(s.dtype), acc = s.dtype == DType::kFloat64 ? 8 : 4;
+  const int64_t Cg = s.C / s.G;
+  const size_t coef = ((backward ? kFusedBwdCoefs : kFusedFwdCoefs) * Cg + 32) * acc;
+  return (coef + 15) / 16 * 16 + (backward ? 2 : 1) * static_cast<size_t>(Cg * s.S) * elem;
+}
+
+enum class GnPath { kAuto, kSplit, kFused };
+
+GnPath forced_path() {
+  static const GnPath path = [] {
+    const char* env = std::getenv("DALLE3_FAST_GN_PATH");
+    if (env != nullptr && std::strcmp(env, "split") == 0) return GnPath::kSplit;
+    if (env != nullptr && std::strcmp(env, "fused") == 0) return GnPath::kFused;
+    return GnPath::kAuto;
+  }();
+  return path;
+}
+
+bool use_fused(const GroupNormShape& s, bool backward) {
+  const size_t bytes = fused_smem_bytes(s, backward);
+  const GnPath forced = forced_path();
+  if (bytes == 0 || forced == GnPath::kSplit || bytes > static_cast<size_t>(device_smem_optin())) return false;
+  // One CTA per group: past ~200 KB a group takes too long for one SM to stream.
+  return forced == GnPath::kFused || bytes <= 200 * 1024;
+}
+
+template <class T, int VEC>
+cudaError_t launch_fused_fwd(const GroupNormShape& s, const GroupNormParams& prm, double eps, const T* x, T* y,
+                             acc_t<T>* mean, acc_t<T>* rstd, cudaStream_t stream) {
+  const size_t smem = fused_smem_bytes(s, false);
+  cudaError_t err = allow_smem(gn_fused_fwd_kernel<T, VEC>, smem);
+  if (err != cudaSuccess) return err;
+  const GnDims d{s.B, s.C, s.S, s.G, 1, false};
+  gn_fused_fwd_kernel<T, VEC><<<static_cast<unsigned>(s.B * s.G), kFusedThreads, smem, stream>>>(
+      d, prm, static_cast<acc_t<T>>(eps), x, y, mean, rstd);
+  return cudaGetLastError();
+}
+
+template <class T, int VEC>
+cudaError_t launch_fused_bwd(const GroupNormShape& s, const GroupNormParams& prm, const T* dy, const T* x,
+                             const acc_t<T>* mean, const acc_t<T>* rstd, T* dx, GnBwdOut outs, acc_t<T>* pa,
+                             acc_t<T>* pb, cudaStream_t stream) {
+  const size_t smem = fused_smem_bytes(s, true);
+  cudaError_t err = allow_smem(gn_fused_bwd_kernel<T, VEC>, smem);
+  if (err != cudaSuccess) return err;
+  const GnDims d{s.B, s.C, s.S, s.G, 1, false};
+  gn_fused_bwd_kernel<T, VEC><<<static_cast<unsigned>(s.B * s.G), kFusedThreads, smem, stream>>>(
+      d, prm, outs, dy, x, mean, rstd, dx, pa, pb);
+  return cudaGetLastError();
+}
+
 template <class T>
 cudaError_t gn_fwd(const GroupNormShape& s, const GroupNormParams& prm, double eps, const T* x, T* y,
                    acc_t<T>* mean, acc_t<T>* rstd, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
+  if (use_fused(s, false)) {
+    return use_vec<T>(s, {x, y}) ? launch_fused_fwd<T, 16 / sizeof(T)>(s, prm, eps, x, y, mean, rstd, stream)
+                                 : launch_fused_fwd<T, 1>(s, prm, eps, x, y, mean, rstd, stream);
+  }
   const GnPlan plan = make_plan(s);
   const GnWorkspace lay = workspace_layout(s, plan);
   const GnDims d = dims_of(s, plan);
@@ -522,6 +752,14 @@ cudaError_t gn_bwd(const GroupNormShape& s, const GroupNormParams& prm, const T*
   A* partial = ws + GnWorkspace::kBwdArrays * lay.bc_pad;
 
   const bool vec = use_vec<T>(s, {x, dy, dx});
+  if (use_fused(s, true)) {
+    const cudaError_t err =
+        vec ? launch_fused_bwd<T, 16 / sizeof(T)>(s, prm, dy, x, mean, rstd, dx, outs, pa, pb, stream)
+            : launch_fused_bwd<T, 1>(s, prm, dy, x, mean, rstd, dx, outs, pa, pb, stream);
+    if (err != cudaSuccess) return err;
+    gn_dweight_dbias_kernel<A><<<blocks_for(s.C, 256), 256, 0, stream>>>(s.B, s.C, pa, pb, dweight, dbias);
+    return cudaGetLastError();
+  }
   const BwdStatsOp<A> stats{d, prm, mean, rstd, prm.silu};
   cudaError_t err = vec ? run_traversal<T, 16 / sizeof(T)>(s, plan, stats, x, dy, nullptr, partial, stream)
                         : run_traversal<T, 1>(s, plan, stats, x, dy, nullptr, partial, stream);

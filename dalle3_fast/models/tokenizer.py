@@ -187,7 +187,7 @@ class SentencePieceTokenizer(_BatchEncoder):
             if i in (self.pad_id, self.bos_id):
                 continue
             out.append(i)
-        return self._sp.decode(out)
+        return self._sp.decode(out).strip()  # encode drops outer whitespace, so a stray "▁" piece means nothing
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)

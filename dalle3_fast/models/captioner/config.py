@@ -20,7 +20,7 @@ class CoCaConfig:
     pooler_heads: int = 4
     # Text: unimodal causal decoder then multimodal decoder (causal self-attn + cross-attn to image tokens).
     vocab_size: int = 512
-    max_text_len: int = 96          # BOS + tokens + EOS
+    max_text_len: int = 128         # BOS + tokens + EOS (scene-world DSCs reach ~110 with a 512 BPE vocab)
     text_width: int = 128
     text_heads: int = 4
     text_layers: int = 2            # unimodal

@@ -404,6 +404,27 @@ __global__ void gn_dweight_dbias_kernel(int64_t B, int64_t C, const A* __restric
 // ------------------------------------------------------------------ single-pass path (channels-first)
 
 constexpr int kFusedThreads = 512;
+constexpr int kFusedUnroll = 4;  // 16-byte loads in flight per thread and tensor while caching the group
+
+// Copies n elements (n % VEC == 0) from global to shared memory, calling f(i, vec) on each vector.
+template <class T, int VEC, class F>
+__device__ __forceinline__ void cache_group(T* __restrict__ dst, const T* __restrict__ src, int n, F&& f) {
+  const int step = blockDim.x * VEC;
+  for (int i0 = threadIdx.x * VEC; i0 < n; i0 += kFusedUnroll * step) {
+    Vec<T, VEC> v[kFusedUnroll];
+#pragma unroll
+    for (int u = 0; u < kFusedUnroll; ++u) {
+      if (i0 + u * step < n) v[u] = load_vec<T, VEC>(src + i0 + u * step);
+    }
+#pragma unroll
+    for (int u = 0; u < kFusedUnroll; ++u) {
+      if (i0 + u * step < n) {
+        store_vec<T, VEC>(dst + i0 + u * step, v[u]);
+        f(i0 + u * step, v[u]);
+      }
+    }
+  }
+}
 
 // Shared memory of the single-pass kernels: NCOEF per-channel arrays of acc type, 32 reduction
 // slots, then the cached group (NTENSORS tensors of Cg * S elements of T).
@@ -430,13 +451,11 @@ gn_fused_fwd_kernel(GnDims d, GroupNormParams p, acc_t<T> eps, const T* __restri
   for (int c = threadIdx.x; c < Cg; c += blockDim.x) cadd[c] = load_param<A>(p.add, b * C + g * Cg + c, A(0));
   __syncthreads();
   A s1 = A(0);
-  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
-    const Vec<T, VEC> v = load_vec<T, VEC>(x + base + i);
-    store_vec<T, VEC>(sx + i, v);
+  cache_group<T, VEC>(sx, x + base, n, [&](int i, const Vec<T, VEC>& v) {
     const A ad = cadd[i / S];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) s1 += to_acc<A>(v.v[j]) + ad;
-  }
+  });
   const A inv_n = recip(static_cast<A>(n));
   const A mean = block_sum(s1, scratch) * inv_n;
   A s2 = A(0);
@@ -503,10 +522,8 @@ gn_fused_bwd_kernel(GnDims d, GroupNormParams p, GnBwdOut o, const T* __restrict
     cws[c] = k.ws;
     cbs[c] = k.bs;
   }
-  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
-    store_vec<T, VEC>(sx + i, load_vec<T, VEC>(x + base + i));
-    store_vec<T, VEC>(sdy + i, load_vec<T, VEC>(dy + base + i));
-  }
+  cache_group<T, VEC>(sx, x + base, n, [](int, const Vec<T, VEC>&) {});
+  cache_group<T, VEC>(sdy, dy + base, n, [](int, const Vec<T, VEC>&) {});
   __syncthreads();
   for (int c = warp; c < Cg; c += nwarps) {
     const A m = cm[c], ws = cws[c], bs = cbs[c];

@@ -92,6 +92,26 @@ def test_loss_finite_decreasing_and_every_parameter_trained(tokenizer):
     torch.testing.assert_close(a, b)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer, monkeypatch):
+    import torch.utils.checkpoint
+
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = make_model(tokenizer, seed=11).train()
+    batch = model.tokenize(captions(2, seed=11))
+    x = images(2, seed=11)
+    grads = []
+    for enabled in (False, True):
+        model.enable_gradient_checkpointing(enabled)
+        model.zero_grad()
+        model(x, batch.ids, batch.lengths)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert len(calls) == 3  # one block in each of the three towers, only when enabled
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_loss_weights_and_pad_tokens_ignored(tokenizer):
     model = make_model(tokenizer, contrastive_weight=0.5, caption_weight=3.0)
     batch = model.tokenize(captions(3, seed=2))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dalle3_fast.models.captioner.config import CoCaConfig
-from dalle3_fast.models.captioner.layers import AttentionalPooler, EncoderBlock
+from dalle3_fast.models.captioner.layers import AttentionalPooler, EncoderBlock, run_block
 
 
 class VisionTransformer(nn.Module):
@@ -21,12 +21,13 @@ class VisionTransformer(nn.Module):
         self.pooler = AttentionalPooler(c.vision_width, c.pooler_heads, 1 + c.caption_queries, c.layer_norm_eps)
         self.ln_post = nn.LayerNorm(c.vision_width, eps=c.layer_norm_eps)
         self.proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
+        self.gradient_checkpointing = False
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, 3, S, S) -> (embedding (B, embed_dim), unnormalized; image tokens (B, N, vision_width))."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
         x = self.ln_pre(x)
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, self.gradient_checkpointing, x)
         pooled = self.ln_post(self.pooler(x))
         return self.proj(pooled[:, 0]), pooled[:, 1:]

@@ -83,6 +83,11 @@ class CoCa(nn.Module):
         with torch.no_grad():
             self.logit_scale.fill_(c.init_logit_scale)
 
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each transformer block in the backward pass instead of keeping its activations."""
+        for tower in (self.visual, self.text, self.multimodal):
+            tower.gradient_checkpointing = enabled
+
     @property
     def device(self) -> torch.device:
         return self.logit_scale.device

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dalle3_fast.models.captioner.config import CoCaConfig
-from dalle3_fast.models.captioner.layers import DecoderBlock, LayerCache
+from dalle3_fast.models.captioner.layers import DecoderBlock, LayerCache, run_block
 
 
 class UnimodalDecoder(nn.Module):
@@ -19,13 +19,17 @@ class UnimodalDecoder(nn.Module):
             DecoderBlock(c.text_width, c.text_heads, c.text_mlp_ratio, c.layer_norm_eps)
             for _ in range(c.text_layers))
         self.ln_final = nn.LayerNorm(c.text_width, eps=c.layer_norm_eps)
+        self.gradient_checkpointing = False
 
     def forward(self, ids: torch.Tensor, caches: list[LayerCache] | None = None) -> torch.Tensor:
         """ids (B, T) at positions [start, start + T), start = the caches' length (0 without caches)."""
         start = caches[0].length if caches else 0
         x = self.token_embed(ids) + self.pos_embed[start: start + ids.shape[1]]
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None)
+            if caches:
+                x = block(x, caches[i])
+            else:
+                x = run_block(block, self.gradient_checkpointing, x)
         return self.ln_final(x)
 
 
@@ -38,6 +42,7 @@ class MultimodalDecoder(nn.Module):
             for _ in range(c.multimodal_layers))
         self.ln_final = nn.LayerNorm(c.text_width, eps=c.layer_norm_eps)
         self.lm_head = nn.Linear(c.text_width, c.vocab_size, bias=False)
+        self.gradient_checkpointing = False
 
     def image_kv(self, image_tokens: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's cross-attention keys/values of the image tokens, computed once per image batch."""
@@ -47,5 +52,8 @@ class MultimodalDecoder(nn.Module):
         """Unimodal hidden states (B, T, C) -> next-token logits (B, T, vocab)."""
         x = text_hidden
         for i, block in enumerate(self.blocks):
-            x = block(x, caches[i] if caches else None, image_kv[i])
+            if caches:
+                x = block(x, caches[i], image_kv[i])
+            else:
+                x = run_block(block, self.gradient_checkpointing, x, None, image_kv[i])
         return self.lm_head(self.ln_final(x))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import ImageFilter
 
 from dalle3_fast.data.shards import iter_samples
 from dalle3_fast.data.world import (SHAPES, GroupKey, Relation, SceneGraph, SceneObject, accuracy, alt_text, captions,
@@ -142,18 +143,24 @@ def test_detector_on_clean_renders(size, n):
     results = [compare(detect(render(g)), g) for g in (sample_scene(s, *size) for s in range(n))]
     acc = accuracy(results)
     assert acc["all"] == 1.0, acc
-    assert set(acc) == {"shape", "colour", "size", "count", "position", "background", "word", "all"}
+    assert set(acc) == {"shape", "colour", "binding", "size", "count", "position", "background", "word", "all"}
 
 
-def test_detector_survives_pixel_noise():
+@pytest.mark.parametrize("damage", ["noise", "blur"])
+def test_detector_survives_noise_and_blur(damage):
+    # what a generator's output looks like: pixel noise (sd 10 of 255) or a slightly soft render
     rng = np.random.default_rng(0)
     results = []
     for s in range(100):
         image, graph = generate(s)
-        noisy = np.asarray(image).astype(float) + rng.normal(0, 10, (64, 64, 3))
-        results.append(compare(detect(noisy.clip(0, 255).astype(np.uint8)), graph))
+        if damage == "noise":
+            noisy = np.asarray(image).astype(float) + rng.normal(0, 10, (64, 64, 3))
+            image = noisy.clip(0, 255).astype(np.uint8)
+        else:
+            image = image.filter(ImageFilter.GaussianBlur(0.5))
+        results.append(compare(detect(image), graph))
     acc = accuracy(results)
-    assert min(acc.values()) >= 0.97, acc
+    assert min(acc.values()) >= 0.95, acc
 
 
 def test_compare_catches_each_kind_of_error():
@@ -169,9 +176,10 @@ def test_compare_catches_each_kind_of_error():
 
     # the red circle painted green: its colour, its group (size, count) and its relation are all gone
     assert compare(variant({0: {"colour": "green"}}), truth) == {
-        "shape": True, "colour": False, "size": False, "count": False, "position": False, "background": True,
-        "word": True, "all": False}
-    assert not compare(variant({1: {"shape": "star"}}), truth)["shape"]
+        "shape": True, "colour": False, "binding": False, "size": False, "count": False, "position": False,
+        "background": True, "word": True, "all": False}
+    star = compare(variant({1: {"shape": "star"}}), truth)
+    assert not star["shape"] and not star["binding"] and star["colour"]
     assert not compare(variant({1: {"size": "large"}}), truth)["size"]
     swapped = variant({0: {"cx": 53}, 1: {"cx": 10}})
     assert compare(swapped, truth)["position"] is False and compare(swapped, truth)["colour"] is True

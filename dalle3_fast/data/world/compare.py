@@ -2,7 +2,8 @@
 
 Attributes (each present only when the truth specifies it):
   shape       the set of shapes is the same
-  colour      every true (colour, shape) pair is present and the set of colours is the same (binding)
+  colour      the set of colours is the same
+  binding     every true (colour, shape) pair is present (colour bound to the right shape)
   size        every true (size, colour, shape) group is present
   count       for every true (colour, shape), the number of such objects matches; same total
   position    every true relation holds in the prediction (stated, or from its pixel positions)
@@ -31,9 +32,9 @@ def compare(predicted: SceneGraph, true: SceneGraph) -> dict[str, bool]:
         out["shape"] = {g.key.shape for g in true_groups} == {k.shape for k in pred_keys}
         coloured = [g for g in true_groups if g.key.colour is not None]
         if coloured:
-            out["colour"] = (all(any(k.colour == g.key.colour and k.shape == g.key.shape for k in pred_keys)
+            out["colour"] = {g.key.colour for g in coloured} == {k.colour for k in pred_keys}
+            out["binding"] = all(any(k.colour == g.key.colour and k.shape == g.key.shape for k in pred_keys)
                                  for g in coloured)
-                             and {g.key.colour for g in coloured} == {k.colour for k in pred_keys})
         sized = [g for g in true_groups if g.key.size is not None]
         if sized:
             out["size"] = all(any(_matches(g.key, k) for k in pred_keys) for g in sized)

@@ -1,17 +1,20 @@
 """A classical detector: reads a scene graph back from pixels.
 
-1. Each pixel takes the nearest palette colour (object, background and text colours), or none if it
-   is further than ``max_colour_distance`` from all of them (so a generated image's blur and noise
-   are ignored rather than invented into objects).
-2. The background is the commonest background colour along the border.
-3. Objects are the 4-connected components of the foreground (object colours, plus pixels near no
-   palette colour) with at least ``min_area_fraction`` of a grid cell, coloured by majority vote;
-   shape from geometry (fill of the bounding box, solidity = area / convex hull,
-   vertical offset of the centroid in the box, aspect), size from the box extent relative to a cell.
-4. Text: pixels in the text colour (black or white, whichever is not the background); when there are
-   enough, the word is read by sampling the 5x7 glyph grid of ``font`` at the scale the box height
-   implies. The word's row gives its position.
-Relations come from object centres with the same rule as the generator.
+1. Background: the commonest background colour (nearest palette entry) along the image border.
+2. Object colours present: object palette colours with enough pixels close to the colour itself.
+3. Every pixel is read as a blend of the background and one foreground colour (a present object
+   colour or the text colour): the one whose background-to-colour segment passes closest to it; the
+   pixel is that colour when it is more than half of it (pixels within ``core_distance`` of the
+   background or a foreground colour simply take it). Blurred or compressed edges so end where the
+   sharp edge was, and blends never turn into a third colour.
+4. Objects: 4-connected components of each colour with at least ``min_area_fraction`` of a grid
+   cell, 30 % of it close to the colour itself. Shape from geometry (fill of the bounding box,
+   solidity = area / convex hull, vertical offset of the centroid, aspect), size from the box extent
+   relative to a grid cell.
+5. Text: the pixels of the text colour; when there are enough, the word is read by sampling the 5x7
+   glyph grid of ``font`` at the scale the box height implies; its row gives its position.
+Relations come from object centres with the same rule as the generator. Reliable from 48 px up
+(every attribute exact on clean renders at 64 px and larger).
 """
 from __future__ import annotations
 
@@ -110,56 +113,83 @@ def _as_array(image) -> np.ndarray:
     return arr
 
 
-def detect(image, *, max_colour_distance: float = 90.0, min_area_fraction: float = 0.02,
+def detect(image, *, core_distance: float = 60.0, min_area_fraction: float = 0.02,
            min_text_fraction: float = 0.004) -> SceneGraph:
-    """Scene graph (placed objects, background, word, relations between all groups) read from pixels."""
+    """Scene graph (placed objects, background, word, relations between all groups) read from pixels.
+
+    ``image``: PIL image or HxWx3 uint8 array. ``core_distance``: RGB distance within which a pixel
+    counts as an exact object colour. ``min_area_fraction``: smallest object, as a fraction of a grid
+    cell. ``min_text_fraction``: fewest text pixels, as a fraction of the image, to report a word.
+    """
     arr = _as_array(image).astype(np.int32)
     h, w, _ = arr.shape
-    d2 = ((arr[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)
-    cls = d2.argmin(-1)
-    cls[d2.min(-1) > max_colour_distance ** 2] = -1
-
-    border = np.concatenate([cls[0], cls[-1], cls[:, 0], cls[:, -1]])
-    bg_votes = np.bincount(border[border >= _N_OBJECT] - _N_OBJECT, minlength=len(BACKGROUND_COLOURS))
-    background = list(BACKGROUND_COLOURS)[int(bg_votes.argmax())] if bg_votes.any() else None
-
     cw, ch = cell_size(w, h)
-    cell = min(cw, ch)
+    cell, min_area = min(cw, ch), min_area_fraction * cw * ch
+    d2 = ((arr[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)  # (H, W, palette)
+
+    border = np.concatenate([d2[0], d2[-1], d2[:, 0], d2[:, -1]])[:, _N_OBJECT:].argmin(-1)
+    bg_index = _N_OBJECT + int(np.bincount(border, minlength=len(BACKGROUND_COLOURS)).argmax())
+    background = _NAMES[bg_index]
+
+    # Object colours present: enough pixels very close to the palette colour itself. Half the core
+    # distance, because a blend of two colours (yellow fading into black) can pass near a third
+    # (orange) for a few pixels, and must not invent it.
+    nearest = d2.argmin(-1)
+    core = (nearest < _N_OBJECT) & (d2.min(-1) <= core_distance ** 2)
+    pure = core & (d2.min(-1) <= (core_distance / 2) ** 2)
+    present = [c for c, n in enumerate(np.bincount(nearest[pure], minlength=_N_OBJECT)) if n >= min_area / 2]
+    # Every other pixel is read as a blend of the background B with one foreground colour F (a
+    # present object colour, or the text colour): F is the colour whose segment B-F passes closest
+    # to the pixel, and the pixel belongs to F when it is more than half F. So a blurred or
+    # compressed edge ends where the sharp edge was, and a dark-yellow blend on black is yellow's
+    # edge, never an orange or brown object.
+    text_indices = [_NAMES.index(c) for c in TEXT_COLOURS if c != background]
+    fg = np.array([*present, *text_indices])
+    b = _PALETTE[bg_index].astype(np.float64)
+    v = _PALETTE[fg].astype(np.float64) - b  # (K, 3)
+    rel = arr.astype(np.float64) - b  # (H, W, 3)
+    alpha = np.clip((rel @ v.T) / (v * v).sum(-1), 0.0, 1.0)  # (H, W, K)
+    residual = ((rel[:, :, None, :] - alpha[..., None] * v) ** 2).sum(-1)
+    best = residual.argmin(-1)
+    best_alpha = np.take_along_axis(alpha, best[..., None], -1)[..., 0]
+    label = np.where(best_alpha > 0.5, fg[best], bg_index)
+    # pixels close to the background or a foreground colour itself are that colour, whatever the noise
+    exact = (d2.min(-1) <= core_distance ** 2) & np.isin(nearest, [bg_index, *fg])
+    label = np.where(exact, nearest, label)
+
     objects = []
-    # Foreground = object colours plus pixels near no palette colour (blurred or compressed edges);
-    # components are found on the foreground and coloured by majority, so a fringe of a
-    # neighbouring hue never splits an object or becomes one.
-    foreground = (cls >= 0) & (cls < _N_OBJECT) | (cls < 0)
-    labels, n = label_components(foreground)
-    min_area = min_area_fraction * cw * ch
-    for k in range(1, n + 1):
-        comp = labels == k
-        votes = np.bincount(cls[comp & (cls >= 0)], minlength=len(_NAMES))[:_N_OBJECT]
-        area = comp.sum()
-        if area < min_area or votes.sum() < min_area / 2:
-            continue
-        ys, xs = np.nonzero(comp)
-        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        features = shape_features(comp[y0:y1, x0:x1])
-        size = "large" if max(x1 - x0, y1 - y0) / cell > LARGE_EXTENT else "small"
-        colour = _NAMES[int(votes.argmax())]
-        objects.append((area, SceneObject(classify_shape(features), colour, size, (x0 + x1) / 2, (y0 + y1) / 2,
-                                          max(x1 - x0, y1 - y0) / 2)))
+    for c in present:
+        components, n = label_components(label == c)
+        for k in range(1, n + 1):
+            comp = components == k
+            area = int(comp.sum())
+            # a real object has a body of its own colour; blend fragments along other edges do not
+            if area < min_area or (comp & core & (nearest == c)).sum() < 0.3 * area:
+                continue
+            ys, xs = np.nonzero(comp)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            size = "large" if max(x1 - x0, y1 - y0) / cell > LARGE_EXTENT else "small"
+            shape = classify_shape(shape_features(comp[y0:y1, x0:x1]))
+            objects.append((area, SceneObject(shape, _NAMES[c], size, float(x0 + x1) / 2, float(y0 + y1) / 2,
+                                              float(max(x1 - x0, y1 - y0)) / 2)))
     # main subject first: groups by total area, largest first
     totals: dict = {}
     for area, o in objects:
         totals[o.key()] = totals.get(o.key(), 0) + area
     objects.sort(key=lambda ao: (-totals[ao[1].key()], ao[1].key(), ao[1].cy, ao[1].cx))
 
-    word, word_position = _read_word(cls, background, min_text_fraction, ch)
+    word, word_position = _read_word(np.isin(label, text_indices), min_text_fraction, ch)
     graph = SceneGraph(tuple(o for _, o in objects), background, word, word_position, (), w, h)
     return graph.with_relations(graph.positional_relations(*relation_margins(w, h)))
 
 
-def _read_word(cls: np.ndarray, background: str | None, min_fraction: float, cell_h: float):
-    h, w = cls.shape
-    text_classes = [_NAMES.index(c) for c in TEXT_COLOURS if c != background]
-    mask = np.isin(cls, text_classes)
+def _read_word(mask: np.ndarray, min_fraction: float, cell_h: float):
+    h, w = mask.shape
+    # drop isolated specks (fewer than two text neighbours) so noise cannot stretch the word's box
+    padded = np.pad(mask, 1).astype(np.int8)
+    neighbours = sum(padded[1 + dy:h + 1 + dy, 1 + dx:w + 1 + dx]
+                     for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx)
+    mask = mask & (neighbours >= 2)
     if mask.sum() < max(6, min_fraction * h * w):
         return None, None
     ys, xs = np.nonzero(mask)

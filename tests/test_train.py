@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -210,3 +211,82 @@ def test_lr_schedule_and_optimizer_state_round_trip():
     back = ckpt.unflatten_optimizer_state(tensors, meta)
     assert back["param_groups"][0]["betas"] == (0.9, 0.999)
     assert all(torch.equal(back["state"]["weight"][k], v) for k, v in opt.state[model.weight].items())
+
+
+# -- the real tasks: one step each on tiny models and 32x32 scene-world images -----------------------------
+@pytest.fixture(scope="module")
+def tiny_parts(tmp_path_factory):
+    from dalle3_fast.models.latent_decoder import LatentDecoder, latent_decoder_config
+    from dalle3_fast.models.vae import AutoencoderKL, vae_config
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    AutoencoderKL(vae_config("tiny")).save_pretrained(root / "vae")
+    LatentDecoder(latent_decoder_config("tiny")).save_pretrained(root / "decoder")
+    return root
+
+
+def run_task(tmp_path: Path, task: str, options: dict, **overrides) -> dict:
+    raw = {"task": task, "out_dir": str(tmp_path / task), "steps": 1, "batch_size": 2, "ckpt_every": 0, "log_every": 1,
+           "sample_every": 1, "task_options": {"resolution": 32, "sample_count": 2, **options}, **overrides}
+    summary = train(load_config(raw=raw), progress=False)
+    assert math.isfinite(summary["loss"]) and Path(summary["checkpoint"]).is_dir()
+    assert list(Path(raw["out_dir"], "samples").glob("step_*.png"))
+    return summary
+
+
+def test_vae_task_with_patch_gan(tmp_path):
+    from dalle3_fast.models.vae import AutoencoderKL
+
+    summary = run_task(tmp_path, "vae", {"model": "tiny", "gan_start": 1}, steps=2, sample_every=2)
+    row = json.loads(Path(summary["metrics"]).read_text().splitlines()[-1])
+    assert {"l1", "kl", "g_loss", "d_loss"} <= set(row)
+    vae = AutoencoderKL.from_pretrained(summary["final"])
+    assert vae.scaling_factor != 0.18215  # re-estimated from the latents at export
+
+
+def test_unet_task_exports_unet_and_schedule(tmp_path, tiny_parts):
+    from dalle3_fast.models.unet import UNet
+
+    summary = run_task(tmp_path, "unet", {"vae": str(tiny_parts / "vae"), "tokenizer_scenes": 40, "sample_steps": 2,
+                                          "prediction_type": "v_prediction", "min_snr_gamma": 5.0,
+                                          "buckets": [[32, 32], [48, 32]]}, ema_decay=0.9)
+    UNet.from_pretrained(summary["final"])
+    sched = json.loads(Path(summary["final"], "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["beta_schedule"] == "scaled_linear"
+    assert Path(tmp_path, "unet", "text_encoder", "config.json").is_file()
+
+
+def test_decoder_then_distill_tasks(tmp_path, tiny_parts):
+    from dalle3_fast.models.latent_decoder import LatentDecoder
+
+    opts = {"vae": str(tiny_parts / "vae"), "sample_steps": 2}
+    teacher = run_task(tmp_path, "decoder", {**opts, "model": str(tiny_parts / "decoder")})
+    student = run_task(tmp_path, "decoder_distill", {**opts, "teacher": teacher["final"], "skip": 20})
+    LatentDecoder.from_pretrained(student["final"])
+    target = load_file(Path(student["checkpoint"]) / "task.safetensors")
+    assert any(k.startswith("target.decoder_unet.") for k in target)
+    with pytest.raises(ValueError, match="task_options.teacher is required"):
+        run_task(tmp_path / "x", "decoder_distill", opts)
+
+
+def test_captioner_task_pretrain_then_finetune(tmp_path):
+    from dalle3_fast.models.captioner import CoCa
+
+    first = run_task(tmp_path, "captioner", {"tokenizer_scenes": 40, "sample_tokens": 4})
+    assert "contrastive" in json.loads(Path(first["metrics"]).read_text())
+    fine = run_task(tmp_path / "dsc", "captioner", {"init_from": first["final"], "caption_key": "dsc", "sample_tokens": 4})
+    assert CoCa.from_pretrained(fine["final"]).tokenizer is not None
+
+
+def test_caption_blending_ratios():
+    import random
+
+    from dalle3_fast.train.tasks.captions import blend_captions
+
+    records = [{"alt": "a", "dsc": "d"}] * 20000
+    got = blend_captions(records, random.Random(0), synthetic_ratio=0.95, drop=0.1)
+    assert abs(got.count("d") / len(got) - 0.95 * 0.9) < 0.01 and abs(got.count("") / len(got) - 0.1) < 0.01
+    assert blend_captions([{"alt": "only"}], random.Random(0), synthetic_ratio=1.0) == ["only"]
+    with pytest.raises(ValueError, match="neither"):
+        blend_captions([{"ssc": "x"}], random.Random(0), synthetic_ratio=0.5)

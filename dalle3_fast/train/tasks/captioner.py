@@ -25,8 +25,10 @@ class CaptionerTask(Task):
         init_from: str = ""           # a captioner directory to fine-tune (SSC / DSC stages)
         tokenizer: str = ""           # a tokenizer directory; "" trains one on scene-world captions
         tokenizer_vocab: int = 1000
+        tokenizer_scenes: int = 2000  # scene-world scenes whose captions train that tokenizer
         caption_key: str = "alt"      # alt | ssc | dsc: which caption of each record is the target
         sample_count: int = 4
+        sample_tokens: int = 40       # longest caption generated for the sample log
 
     def build_model(self) -> nn.Module:
         o = self.options
@@ -49,7 +51,7 @@ class CaptionerTask(Task):
 
         directory = self.ctx.out_dir / "tokenizer"
         if (not dist.is_initialized() or dist.get_rank() == 0) and not directory.is_dir():
-            texts = world_captions(self.options.data_seed, 2000)
+            texts = world_captions(self.options.data_seed, self.options.tokenizer_scenes)
             SentencePieceTokenizer.train(texts, vocab_size=self.options.tokenizer_vocab).save_pretrained(directory)
         if dist.is_initialized():
             dist.barrier()
@@ -76,7 +78,7 @@ class CaptionerTask(Task):
         batch = next(image_batches(self.options, self.options.sample_count, 0, 1, 10_000_000, 8))
         images = batch["image"].to(self.ctx.device)
         lines = [json.dumps({"step": step, "caption": text, "reference": record.get(self.options.caption_key)})
-                 for record, text in zip(batch["records"], model.generate(images))]
+                 for record, text in zip(batch["records"], model.generate(images, max_new_tokens=self.options.sample_tokens))]
         if self.ctx.rank == 0:
             (self.ctx.out_dir / "samples").mkdir(parents=True, exist_ok=True)
             with open(self.ctx.out_dir / "samples" / "captions.jsonl", "a") as f:

@@ -114,6 +114,7 @@ class DecoderDistillTask(_DecoderTaskBase):
         huber_c: float = 1e-3
         target_decay: float = 0.95  # EMA of the target network
         sample_count: int = 4
+        sample_steps: int = 20     # the teacher's DDIM steps in the sample grid
 
     def build_model(self) -> nn.Module:
         path = required_dir(self.options.teacher, "teacher", "the trained latent decoder")
@@ -149,5 +150,5 @@ class DecoderDistillTask(_DecoderTaskBase):
         x = self._held_out()
         z = self.vae.encode(x).mode() if self.vae is not None else net.encode(x).mode()
         two_step = net.decode(z, generator=torch.Generator(self.ctx.device).manual_seed(0))
-        teacher = self.teacher.ddim_decode(z, 20, generator=torch.Generator(self.ctx.device).manual_seed(0))
+        teacher = self.teacher.ddim_decode(z, self.options.sample_steps, generator=torch.Generator(self.ctx.device).manual_seed(0))
         return to_unit(torch.cat([x, teacher, two_step]))

@@ -36,7 +36,7 @@ def scheduler_config(schedule: NoiseSchedule, prediction_type: str) -> dict:
             "beta_end": schedule.beta_end, "prediction_type": prediction_type, "clip_sample": False}
 
 
-def build_tiny_text_encoder(directory: Path, width: int, seed: int, vocab_size: int):
+def build_tiny_text_encoder(directory: Path, width: int, seed: int, vocab_size: int, scenes: int):
     """A frozen tiny T5 over a tokenizer trained on scene-world captions, saved to ``directory``."""
     from dalle3_fast.models.text_encoder import T5TextEncoder
     from dalle3_fast.models.tokenizer import SentencePieceTokenizer
@@ -45,7 +45,7 @@ def build_tiny_text_encoder(directory: Path, width: int, seed: int, vocab_size: 
 
     main = not dist.is_initialized() or dist.get_rank() == 0
     if main and not (directory / "config.json").is_file():
-        tokenizer = SentencePieceTokenizer.train(world_captions(seed, 2000), vocab_size=vocab_size)
+        tokenizer = SentencePieceTokenizer.train(world_captions(seed, scenes), vocab_size=vocab_size)
         with torch.random.fork_rng():
             T5TextEncoder.tiny(tokenizer, d_model=width, seed=seed).save_pretrained(directory)
     if dist.is_initialized():
@@ -61,6 +61,7 @@ class UNetTask(Task):
         vae: str = ""                    # trained VAE directory (required)
         text_encoder: str = "tiny"       # T5 directory, or "tiny": a new frozen tiny T5 saved to OUT/text_encoder
         tokenizer_vocab: int = 1000      # for text_encoder "tiny"
+        tokenizer_scenes: int = 2000     # scene-world scenes whose captions train that tokenizer
         prediction_type: str = "epsilon"  # epsilon | v_prediction
         beta_schedule: str = "scaled_linear"
         beta_start: float = 0.00085
@@ -90,7 +91,8 @@ class UNetTask(Task):
         width = unet._config["text_dim"]
         if o.text_encoder == "tiny":
             self.ctx.out_dir.mkdir(parents=True, exist_ok=True)
-            text = build_tiny_text_encoder(self.ctx.out_dir / "text_encoder", width, self.ctx.seed, o.tokenizer_vocab)
+            text = build_tiny_text_encoder(self.ctx.out_dir / "text_encoder", width, self.ctx.seed, o.tokenizer_vocab,
+                                          o.tokenizer_scenes)
         else:
             from dalle3_fast.models.text_encoder import T5TextEncoder
             text = T5TextEncoder.from_pretrained(o.text_encoder)

@@ -210,7 +210,8 @@ class SentencePieceTokenizer(_BatchEncoder):
     def __eq__(self, other) -> bool:
         return isinstance(other, SentencePieceTokenizer) and other._proto == self._proto
 
-    __hash__ = None  # mutable-free but compared by content; not meant as a dict key
+    def __hash__(self) -> int:
+        return hash(self._proto)
 
 
 class HFTokenizer(_BatchEncoder):

@@ -14,7 +14,7 @@ namespace d3f::attn {
 // alpha <- exp(m_old - m_new) (the factor that rescales what was accumulated before),
 // l <- l * alpha + rowsum.
 template <typename T>
-static inline void online_softmax_tile(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, T* m, T* l,
+static D3F_INLINE void online_softmax_tile(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, T* m, T* l,
                                        T* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
     T* sr = s + r * lds;
@@ -38,7 +38,7 @@ static inline void online_softmax_tile(T* s, int64_t lds, int64_t rows, int64_t 
 
 // o[r, :cols] *= factor[r]
 template <typename T>
-static inline void scale_rows(T* o, int64_t ldo, int64_t rows, int64_t cols, const T* factor) {
+static D3F_INLINE void scale_rows(T* o, int64_t ldo, int64_t rows, int64_t cols, const T* factor) {
   for (int64_t r = 0; r < rows; ++r) {
     T* orow = o + r * ldo;
     const T f = factor[r];
@@ -49,7 +49,7 @@ static inline void scale_rows(T* o, int64_t ldo, int64_t rows, int64_t cols, con
 
 // Backward: s <- P = exp(s * scale - lse[r]), the forward's normalised probabilities.
 template <typename T>
-static inline void recompute_probs(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, const T* lse) {
+static D3F_INLINE void recompute_probs(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, const T* lse) {
   for (int64_t r = 0; r < rows; ++r) {
     T* sr = s + r * lds;
     const T shift = lse[r];
@@ -60,7 +60,7 @@ static inline void recompute_probs(T* s, int64_t lds, int64_t rows, int64_t cols
 
 // Backward: dp <- dS = P * (dP - delta[r]) * scale, the gradient wrt the unscaled scores.
 template <typename T>
-static inline void score_grad(const T* p, int64_t ldp, T* dp, int64_t lddp, int64_t rows, int64_t cols,
+static D3F_INLINE void score_grad(const T* p, int64_t ldp, T* dp, int64_t lddp, int64_t rows, int64_t cols,
                               const T* delta, T scale) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* pr = p + r * ldp;
@@ -73,7 +73,7 @@ static inline void score_grad(const T* p, int64_t ldp, T* dp, int64_t lddp, int6
 
 // delta[r] = sum_j a[r, j] * b[r, j]
 template <typename T>
-static inline void row_dots(const T* a, const T* b, int64_t ld, int64_t rows, int64_t cols, T* delta) {
+static D3F_INLINE void row_dots(const T* a, const T* b, int64_t ld, int64_t rows, int64_t cols, T* delta) {
   for (int64_t r = 0; r < rows; ++r) {
     T acc = 0;
 #pragma omp simd reduction(+ : acc)

@@ -13,13 +13,13 @@
 namespace d3f::gn {
 
 template <typename T, bool Silu>
-static inline T act(T z) {
+static D3F_INLINE T act(T z) {
   return Silu ? z * sigmoid(z) : z;
 }
 
 // d act(z) / dz times dy.
 template <typename T, bool Silu>
-static inline T act_grad(T z, T dy) {
+static D3F_INLINE T act_grad(T z, T dy) {
   if (!Silu) return dy;
   T s = sigmoid(z);
   return dy * s * (T(1) + z * (T(1) - s));
@@ -29,7 +29,7 @@ static inline T act_grad(T z, T dy) {
 // first value) keeps the variance accurate when |mean| >> std. Partial sums over
 // blocks of 1024 in T, combined in double.
 template <typename T>
-static inline void shifted_sums_run(const T* x, int64_t n, T shift, double& s1, double& s2) {
+static D3F_INLINE void shifted_sums_run(const T* x, int64_t n, T shift, double& s1, double& s2) {
   constexpr int64_t kBlock = 1024;
   double d1 = 0, d2 = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
@@ -50,7 +50,7 @@ static inline void shifted_sums_run(const T* x, int64_t n, T shift, double& s1, 
 
 // Channels-last: the same sums per channel over `rows` rows of C values (row stride C).
 template <typename T>
-static inline void shifted_sums_rows(const T* x, int64_t rows, int64_t C, const T* shift, T* s1, T* s2) {
+static D3F_INLINE void shifted_sums_rows(const T* x, int64_t rows, int64_t C, const T* shift, T* s1, T* s2) {
   for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * C;
@@ -65,13 +65,13 @@ static inline void shifted_sums_rows(const T* x, int64_t rows, int64_t C, const 
 
 // y = act(x * a + b) over a run with scalar coefficients.
 template <typename T, bool Silu>
-static inline void apply_run(const T* x, T* y, int64_t n, T a, T b) {
+static D3F_INLINE void apply_run(const T* x, T* y, int64_t n, T a, T b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = act<T, Silu>(x[i] * a + b);
 }
 
 template <typename T, bool Silu>
-static inline void apply_rows(const T* x, T* y, int64_t rows, int64_t C, const T* a, const T* b) {
+static D3F_INLINE void apply_rows(const T* x, T* y, int64_t rows, int64_t C, const T* a, const T* b) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * C;
     T* yr = y + r * C;
@@ -82,7 +82,7 @@ static inline void apply_rows(const T* x, T* y, int64_t rows, int64_t C, const T
 
 // Backward, first pass: with dz = dy * act'(x * a + b), the sums of dz, dz * x and x.
 template <typename T, bool Silu>
-static inline void grad_sums_run(const T* x, const T* dy, int64_t n, T a, T b, double& sdz, double& sdzx,
+static D3F_INLINE void grad_sums_run(const T* x, const T* dy, int64_t n, T a, T b, double& sdz, double& sdzx,
                                  double& sx) {
   constexpr int64_t kBlock = 1024;
   double d0 = 0, d1 = 0, d2 = 0;
@@ -106,7 +106,7 @@ static inline void grad_sums_run(const T* x, const T* dy, int64_t n, T a, T b, d
 }
 
 template <typename T, bool Silu>
-static inline void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t C, const T* a, const T* b, T* sdz,
+static D3F_INLINE void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t C, const T* a, const T* b, T* sdz,
                                   T* sdzx, T* sx) {
   for (int64_t c = 0; c < C; ++c) sdz[c] = sdzx[c] = sx[c] = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -124,13 +124,13 @@ static inline void grad_sums_rows(const T* x, const T* dy, int64_t rows, int64_t
 
 // Backward, second pass: dx = dz * p + x * q + r.
 template <typename T, bool Silu>
-static inline void grad_apply_run(const T* x, const T* dy, T* dx, int64_t n, T a, T b, T p, T q, T r) {
+static D3F_INLINE void grad_apply_run(const T* x, const T* dy, T* dx, int64_t n, T a, T b, T p, T q, T r) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dx[i] = act_grad<T, Silu>(x[i] * a + b, dy[i]) * p + x[i] * q + r;
 }
 
 template <typename T, bool Silu>
-static inline void grad_apply_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const T* a, const T* b,
+static D3F_INLINE void grad_apply_rows(const T* x, const T* dy, T* dx, int64_t rows, int64_t C, const T* a, const T* b,
                                    const T* p, const T* q, const T* r) {
   for (int64_t row = 0; row < rows; ++row) {
     const int64_t o = row * C;

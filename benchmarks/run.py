@@ -1,0 +1,335 @@
+"""Side-by-side timings of dalle3_fast against its peers, in one process on one device.
+
+    python benchmarks/run.py --suite ops [--json FILE] [--device cpu|cuda]
+
+Each row: op, shape, dtype, implementation, median milliseconds, speedup over PyTorch
+eager, and the fraction of the hardware limit measured in the same process (GroupNorm:
+bytes moved, one read and one write, over the measured copy bandwidth; attention:
+FLOPs over the measured matmul rate). Suites are registered in SUITES; others add theirs
+there (a function taking the parsed arguments and a Bench, adding rows).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dalle3_fast.ops as ops  # noqa: E402
+
+
+# ------------------------------------------------------------------ timing and hardware limits
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    impl: str
+    ms: float | None
+    speedup: float | None = None  # eager ms / this ms
+    fraction: float | None = None  # of the measured hardware limit
+    note: str = ""
+
+
+@dataclass
+class Bench:
+    device: torch.device
+    warmup: int
+    iters: int
+    copy_gbps: float = 0.0
+    matmul_tflops: float = 0.0
+    rows: list[Row] = field(default_factory=list)
+
+    def time_ms(self, fn: Callable[[], object]) -> float:
+        """Median wall time of fn after warm-up (CUDA events on GPU)."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            for _ in range(self.iters):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(self.iters):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def measure_limits(self):
+        if self.device.type == "cuda":
+            n_bytes, mm_n, mm_dtype = 1 << 30, 8192, torch.bfloat16
+        else:
+            n_bytes, mm_n, mm_dtype = 1 << 27, 2048, torch.float32
+        src = torch.empty(n_bytes // 4, device=self.device, dtype=torch.float32).uniform_()
+        dst = torch.empty_like(src)
+        self.copy_gbps = 2 * n_bytes / self.time_ms(lambda: dst.copy_(src)) / 1e6
+        a = torch.randn(mm_n, mm_n, device=self.device, dtype=mm_dtype)
+        b = torch.randn(mm_n, mm_n, device=self.device, dtype=mm_dtype)
+        self.matmul_tflops = 2 * mm_n**3 / self.time_ms(lambda: a @ b) / 1e9
+        print(f"device: {device_name(self.device)}; copy {self.copy_gbps:.1f} GB/s (read + write); "
+              f"{mm_dtype} {mm_n}^3 matmul {self.matmul_tflops:.2f} TFLOP/s")
+
+    def compare(self, op: str, shape: str, dtype: torch.dtype, impls: dict[str, Callable[[], object]],
+                *, bytes_moved: float | None = None, flops: float | None = None):
+        """Time every impl; the first one named "eager" is the speedup baseline."""
+        results = {}
+        for name, fn in impls.items():
+            try:
+                results[name] = (self.time_ms(fn), "")
+            except Exception as exc:  # a peer that refuses these inputs is reported, not fatal
+                results[name] = (None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        eager_ms = results.get("eager", (None, ""))[0]
+        for name, (ms, note) in results.items():
+            fraction = None
+            if ms is not None and bytes_moved is not None:
+                fraction = bytes_moved / (ms * 1e6) / self.copy_gbps
+            elif ms is not None and flops is not None:
+                fraction = flops / (ms * 1e9) / self.matmul_tflops
+            speedup = eager_ms / ms if ms is not None and eager_ms is not None else None
+            row = Row(op, shape, str(dtype).removeprefix("torch."), name, ms, speedup, fraction, note)
+            self.rows.append(row)
+            print(format_row(row), flush=True)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+HEADER = f"{'op':<16} {'shape':<34} {'dtype':<9} {'impl':<22} {'ms':>9} {'speedup':>8} {'of limit':>9}"
+
+
+def format_row(r: Row) -> str:
+    ms = f"{r.ms:9.3f}" if r.ms is not None else f"{'n/a':>9}"
+    sp = f"{r.speedup:7.2f}x" if r.speedup is not None else f"{'':>8}"
+    fr = f"{100 * r.fraction:8.1f}%" if r.fraction is not None else f"{'':>9}"
+    return f"{r.op:<16} {r.shape:<34} {r.dtype:<9} {r.impl:<22} {ms} {sp} {fr}" + (f"  {r.note}" if r.note else "")
+
+
+def kernel_backends(device: torch.device) -> list[str]:
+    """Our live backends that run natively on `device` (Triton's CPU interpreter is no benchmark)."""
+    live = ops.available_backends()
+    wanted = ("cpu",) if device.type == "cpu" else ("cuda", "triton")
+    return [b for b in wanted if b in live]
+
+
+def compiled(fn, enabled: bool):
+    return torch.compile(fn, dynamic=False) if enabled else None
+
+
+def with_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with ops.use_backend(backend):
+            return fn()
+
+    return run
+
+
+# ------------------------------------------------------------------ ops suite
+
+
+def eager_group_norm_silu(x, weight, bias, groups):
+    return F.silu(F.group_norm(x, groups, weight, bias, 1e-5))
+
+
+def bench_group_norm(bench: Bench, args, shapes, dtype):
+    compiled_gn = compiled(eager_group_norm_silu, args.compile)
+    for shape in shapes:
+        for layout in ("nchw", "channels_last"):
+            x = torch.randn(shape, device=bench.device, dtype=dtype)
+            if layout == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            w = torch.randn(shape[1], device=bench.device, dtype=dtype)
+            b = torch.randn(shape[1], device=bench.device, dtype=dtype)
+            impls = {"eager": lambda: eager_group_norm_silu(x, w, b, 32)}
+            if compiled_gn is not None:
+                impls["torch.compile"] = lambda: compiled_gn(x, w, b, 32)
+            for backend in kernel_backends(bench.device):
+                impls[f"ours:{backend}"] = with_backend(backend, lambda: ops.group_norm_silu(x, w, b, 32))
+            bench.compare("group_norm_silu", f"{tuple(shape)} {layout}", dtype, impls,
+                          bytes_moved=2 * x.numel() * x.element_size())
+
+
+def sdpa_layout(t):
+    return t.transpose(1, 2)  # (B, N, H, D) -> (B, H, N, D), a view
+
+
+def sdpa_backend_impls(bench, fn):
+    """SDPA letting PyTorch pick, plus forced cuDNN and flash on GPUs."""
+    impls = {"eager": fn}
+    if bench.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        for name, kind in (("sdpa:cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa:flash", SDPBackend.FLASH_ATTENTION)):
+            def forced(kind=kind):
+                with sdpa_kernel(kind):
+                    return fn()
+
+            impls[name] = forced
+    return impls
+
+
+def add_xformers(impls, q, k, v, bias=None):
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return
+    impls["xformers"] = lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+
+def fwd_bwd(fn, inputs):
+    def run():
+        out = fn()
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+    return run
+
+
+def bench_self_attention(bench: Bench, args, cases, dtype):
+    for B, N, H, D in cases:
+        q, k, v = (torch.randn(B, N, H, D, device=bench.device, dtype=dtype, requires_grad=True) for _ in range(3))
+        sdpa = lambda: F.scaled_dot_product_attention(sdpa_layout(q), sdpa_layout(k), sdpa_layout(v))  # noqa: E731
+        compiled_sdpa = compiled(lambda q, k, v: F.scaled_dot_product_attention(
+            sdpa_layout(q), sdpa_layout(k), sdpa_layout(v)), args.compile)
+        flops = 4 * B * H * N * N * D
+        for mode in ("fwd", "fwd+bwd"):
+            impls = sdpa_backend_impls(bench, sdpa)
+            if compiled_sdpa is not None:
+                impls["torch.compile"] = lambda: compiled_sdpa(q, k, v)
+            add_xformers(impls, q, k, v)
+            for backend in kernel_backends(bench.device):
+                impls[f"ours:{backend}"] = with_backend(backend, lambda: ops.attention(q, k, v))
+            if mode == "fwd":
+                with torch.no_grad():
+                    bench.compare("attention fwd", f"B{B} N{N} H{H} D{D}", dtype, impls, flops=flops)
+            else:
+                impls = {name: fwd_bwd(fn, (q, k, v)) for name, fn in impls.items()}
+                bench.compare("attention fwd+bwd", f"B{B} N{N} H{H} D{D}", dtype, impls, flops=3.5 * flops)
+
+
+def bench_cross_attention(bench: Bench, args, cases, dtype):
+    for B, N, L, H, D, lengths in cases:
+        dev = bench.device
+        q = torch.randn(B, N, H, D, device=dev, dtype=dtype)
+        k, v = (torch.randn(B, L, H, D, device=dev, dtype=dtype) for _ in range(2))
+        key_lengths = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        mask = (torch.arange(L, device=dev)[None, :] < key_lengths[:, None].long()).view(B, 1, 1, L)
+        qt, kt, vt = sdpa_layout(q), sdpa_layout(k), sdpa_layout(v)
+        impls = {"eager": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask)}
+        compiled_sdpa = compiled(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), args.compile)
+        if compiled_sdpa is not None:
+            impls["torch.compile"] = lambda: compiled_sdpa(qt, kt, vt, mask)
+
+        def per_sample():  # padding-free: each sample attends to its own keys only
+            return [F.scaled_dot_product_attention(qt[b:b + 1], kt[b:b + 1, :, :n], vt[b:b + 1, :, :n])
+                    for b, n in enumerate(lengths) if n > 0]
+
+        impls["sdpa per-sample"] = per_sample
+        for backend in kernel_backends(dev):
+            impls[f"ours:{backend}"] = with_backend(backend, lambda: ops.cross_attention(q, k, v, key_lengths))
+        flops = 4 * H * N * D * sum(lengths)  # useful work: valid keys only
+        with torch.no_grad():
+            bench.compare("cross_attention", f"B{B} N{N} L{L} H{H} D{D} len{lengths}", dtype, impls, flops=flops)
+
+
+def suite_ops(args, bench: Bench):
+    if bench.device.type == "cuda":
+        dtype = torch.bfloat16
+        bench_group_norm(bench, args, [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (1, 128, 512, 512)],
+                         dtype)
+        self_cases = []
+        for D in (64, 128):
+            for N in (1024, 2048, 4096, 8192, 16384):
+                self_cases.append((16384 // N, N, 2048 // D, D))
+        bench_self_attention(bench, args, self_cases, dtype)
+        cross_cases = [(2, N, L, 8, 64, [L, L // 3]) for N in (4096, 16384) for L in (77, 120, 256, 300)]
+        bench_cross_attention(bench, args, cross_cases, dtype)
+    else:
+        dtype = torch.float32
+        bench_group_norm(bench, args, [(8, 320, 64, 64), (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)],
+                         dtype)
+        bench_cross_attention(bench, args, [(2, 4096, 128, 8, 64, [77, 128]), (2, 1024, 77, 8, 40, [77, 20]),
+                                            (2, 4096, 512, 8, 64, [300, 512])], dtype)
+        bench_self_attention(bench, args, [(1, 1024, 8, 64), (1, 2048, 8, 40)], dtype)
+
+
+SUITES: dict[str, Callable[[argparse.Namespace, Bench], None]] = {
+    "ops": suite_ops,
+}
+
+
+# ------------------------------------------------------------------ command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default="ops", help=f"what to time; one of: {', '.join(SUITES)} (default: ops)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows and the measured limits to FILE as JSON")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="device to run on (default: cuda when available, else cpu)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing each implementation")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per implementation (the median is reported)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile peers (their compilation takes minutes on a small CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.suite not in SUITES:
+        print(f"run.py: unknown suite {args.suite!r}; choose one of: {', '.join(SUITES)}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("run.py: --device cuda was asked for but no CUDA device is visible; use --device cpu", file=sys.stderr)
+        return 2
+    if args.warmup < 0 or args.iters < 1:
+        print("run.py: --warmup must be >= 0 and --iters >= 1", file=sys.stderr)
+        return 2
+    bench = Bench(device, args.warmup, args.iters)
+    bench.measure_limits()
+    print(f"live backends: {', '.join(ops.available_backends())}; torch {torch.__version__}")
+    print(HEADER)
+    SUITES[args.suite](args, bench)
+    if args.json:
+        result = {
+            "suite": args.suite,
+            "device": device_name(device),
+            "torch": torch.__version__,
+            "copy_GBps": bench.copy_gbps,
+            "matmul_TFLOPs": bench.matmul_tflops,
+            "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "rows": [asdict(r) for r in bench.rows],
+        }
+        directory = os.path.dirname(os.path.abspath(args.json))
+        os.makedirs(directory, exist_ok=True)
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .data.buckets import Bucket, image_to_tensor, resize_to_bucket
-from .data.shards import ShardStats, ShardWriter, expand_shards, iter_samples, remove_stale_temp_files
+from .data.shards import CorruptSample, ShardStats, ShardWriter, expand_shards, iter_samples, remove_stale_temp_files
 from .io import CheckpointError, atomic_write_bytes
 
 STYLES = ("dsc", "ssc")
@@ -134,11 +134,10 @@ def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_siz
                     members[style] = text
                     if update_json and "json" in members:
                         try:
-                            meta = json.loads(members["json"])
-                            if isinstance(meta, dict):
-                                members["json"] = {**meta, style: text}
-                        except ValueError:
-                            pass  # keep the original bytes; the reader counts it when it matters
+                            meta = sample.json()
+                            members["json"] = {**meta, style: text}
+                        except CorruptSample as exc:  # keep the original bytes untouched
+                            report.stats.note("corrupt_members", str(exc))
                     writer.write(sample.key, members)
                 report.captioned += len(batch)
                 bar.update(len(batch))

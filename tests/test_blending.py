@@ -8,7 +8,7 @@ from PIL import Image
 from dalle3_fast.data.blending import BlendedShardDataset, draw_uniform, sample_captions, use_synthetic
 from dalle3_fast.data.buckets import (DALLE3_BUCKETS, TINY_BUCKETS, Bucket, BucketBatchSampler, bucket_batches,
                                       closest_bucket, image_to_tensor, resize_to_bucket, scaled_buckets)
-from dalle3_fast.data.shards import ShardWriter, iter_samples
+from dalle3_fast.data.shards import Sample, ShardStats, ShardWriter, iter_samples
 from dalle3_fast.data.world import world_sample
 
 N_SHARDS, PER_SHARD = 4, 12
@@ -81,6 +81,14 @@ def test_ssc_field_and_ratio_extremes(shards):
         BlendedShardDataset(shards, synthetic_ratio=1.5)
     with pytest.raises(ValueError, match="caption_field"):
         BlendedShardDataset(shards, caption_field="alt")
+
+
+def test_caption_sources_and_corrupt_json():
+    assert sample_captions(Sample("k", {"txt": b"web", "dsc": b"long"}), "dsc") == ("long", "web")
+    assert sample_captions(Sample("k", {"json": b'{"dsc": "d", "alt": "a"}'}), "dsc") == ("d", "a")
+    stats = ShardStats()
+    assert sample_captions(Sample("k", {"txt": b"web", "json": b"{bad"}), "ssc", stats) == (None, "web")
+    assert stats.corrupt_members == 1 and "not valid JSON" in stats.errors[0]
 
 
 def test_ranks_and_workers_partition_the_shards(shards):

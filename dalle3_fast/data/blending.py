@@ -30,7 +30,8 @@ def use_synthetic(seed: int, epoch: int, key: str, synthetic_ratio: float) -> bo
     return draw_uniform(seed, epoch, key) < synthetic_ratio
 
 
-def sample_captions(sample: Sample, field: str = "dsc") -> tuple[str | None, str | None]:
+def sample_captions(sample: Sample, field: str = "dsc",
+                    stats: ShardStats | None = None) -> tuple[str | None, str | None]:
     """(synthetic, original) captions of a shard sample.
 
     Synthetic: the ``.dsc``/``.ssc`` member a recaption job added, else that field of the json (the
@@ -41,7 +42,9 @@ def sample_captions(sample: Sample, field: str = "dsc") -> tuple[str | None, str
     if synthetic is None or original is None:
         try:
             meta = sample.json() or {}
-        except CorruptSample:
+        except CorruptSample as exc:
+            if stats is not None:
+                stats.note("corrupt_members", str(exc))
             meta = {}
         if synthetic is None and isinstance(meta.get(field), str):
             synthetic = meta[field]
@@ -94,7 +97,7 @@ class BlendedShardDataset(IterableDataset):
         self.epoch = epoch
 
     def caption(self, sample: Sample) -> str:
-        synthetic, original = sample_captions(sample, self.caption_field)
+        synthetic, original = sample_captions(sample, self.caption_field, self.stats)
         if synthetic is None:
             self.missing_synthetic += 1
             return original or ""

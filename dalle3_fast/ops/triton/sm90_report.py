@@ -80,34 +80,35 @@ def _resource_usage(compiled) -> dict:
             "smem": compiled.metadata.shared}
 
 
-def _attention_cases(dtype: str, head_dim: int):
+def _attention_cases(dtype: str, head_dim: int, every_config: bool = False):
+    """Each attention kernel with the configs autotuning may pick for this head dim (the first, or all)."""
+    import torch
+
     from dalle3_fast.ops.triton import flash_attention as fa
 
     block_d = triton.next_power_of_2(head_dim)
     strides = ("sqb", "sqn", "sqh", "skb", "skn", "skh", "svb", "svn", "svh", "sob", "son", "soh", "sgb", "sgn", "sgh",
                "sdkb", "sdkn", "sdkh", "sdvb", "sdvn", "sdvh", "sdqb", "sdqn", "sdqh")
     ones = ("sqd", "skd", "svd", "sod", "sgd", "sdkd", "sdvd", "sdqd")
-    common = dict(HAS_LENGTHS=True, BLOCK_D=block_d, ACC=tl.float32, PRECISION="tf32")
-    t = "*" + dtype
-    fp32 = {"Lse": "*fp32", "Delta": "*fp32", "Lengths": "*i32"}
-    data = {n: t for n in ("Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ")}
-    # The configs autotuning keeps for this head dim (see flash_attention._prune).
-    fwd_blocks = dict(BLOCK_M=128, BLOCK_N=64) if block_d <= 128 else dict(BLOCK_M=64, BLOCK_N=64)
-    bwd_blocks = dict(BLOCK_M=64, BLOCK_N=64) if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=32)
-    bwd_tag = f"{bwd_blocks['BLOCK_M']}x{bwd_blocks['BLOCK_N']}"
-    return [
-        Case(f"attention fwd {dtype} D={head_dim} {fwd_blocks}", fa._fwd, {**data, **fp32}, {**common, **fwd_blocks},
-             8, 3, floats=("qk_scale_log2",), ones=ones, divisible=strides),
-        Case(f"attention bwd delta {dtype} D={head_dim}", fa._attn_bwd_delta_kernel, {**data, **fp32},
-             dict(BLOCK_D=block_d, ACC=tl.float32, BLOCK_M=fa._delta_block(block_d)), 4, 1, ones=ones,
-             divisible=strides),
-        Case(f"attention bwd dkdv {dtype} D={head_dim} {bwd_tag}", fa._dkdv, {**data, **fp32},
-             {**common, **bwd_blocks}, 8, 2, floats=("scale", "qk_scale_log2"), ones=ones,
-             divisible=strides),
-        Case(f"attention bwd dq {dtype} D={head_dim} {bwd_tag}", fa._dq, {**data, **fp32},
-             {**common, **bwd_blocks}, 8, 2, floats=("scale", "qk_scale_log2"), ones=ones,
-             divisible=strides),
-    ]
+    split = fa._head_dim_split(head_dim)
+    common = dict(HAS_LENGTHS=True, ACC=tl.float32, PRECISION="tf32", **split)
+    pointers = {n: "*" + dtype for n in ("Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ")}
+    pointers.update(Lse="*fp32", Delta="*fp32", Lengths="*i32")
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    prune_args = {"Q": torch.empty(0, dtype=torch_dtype), "N_K": 4096, **split}
+    cases = [Case(f"attention bwd delta {dtype} D={head_dim}", fa._attn_bwd_delta_kernel, pointers,
+                  dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ACC=tl.float32, BLOCK_M=fa._delta_block(block_d)), 4, 1,
+                  ones=ones, divisible=strides)]
+    for what, kernel, configs, prune in (("fwd", fa._fwd, fa._FWD_CONFIGS, fa._prune_fwd),
+                                         ("bwd dkdv", fa._dkdv, fa._DKDV_CONFIGS, fa._prune_dkdv),
+                                         ("bwd dq", fa._dq, fa._DQ_CONFIGS, fa._prune_dq)):
+        kept = prune(configs, prune_args)
+        for config in kept if every_config else kept[:1]:
+            tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']} w{config.num_warps} s{config.num_stages}"
+            cases.append(Case(f"attention {what} {dtype} D={head_dim} {tile}", kernel, pointers,
+                              {**common, **config.kwargs}, config.num_warps, config.num_stages,
+                              floats=("scale", "qk_scale_log2"), ones=ones, divisible=strides))
+    return cases
 
 
 def _group_norm_cases(dtype: str, channels_per_group: int, spatial: int, phases=(0, 1, 2)):
@@ -130,15 +131,14 @@ def _group_norm_cases(dtype: str, channels_per_group: int, spatial: int, phases=
 
 def hot_cases():
     """Configs that must compile without spills (the ones the GPU path uses most)."""
-    return (_attention_cases("bf16", 64) + _attention_cases("bf16", 128)[:1]
+    return (_attention_cases("bf16", 64) + _attention_cases("bf16", 80)
             + _group_norm_cases("bf16", 10, 4096, phases=(0, 2)))
 
 
 def all_cases():
     cases = []
-    for dtype in ("bf16", "fp16"):
-        for head_dim in (64, 128, 160):  # 40 -> 64 and 80, 96 -> 128 compile to the same kernels
-            cases += _attention_cases(dtype, head_dim)
+    for head_dim in (40, 64, 80, 96, 128, 160):
+        cases += _attention_cases("bf16", head_dim, every_config=True)
     for cg, s in ((10, 4096), (40, 64), (4, 262144)):
         cases += _group_norm_cases("bf16", cg, s)
     return cases

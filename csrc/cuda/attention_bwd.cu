@@ -361,7 +361,7 @@ struct LaunchBwd {
   const void *dout, *q, *k, *v;
   const float *lse, *delta;
   const int32_t* kl;
-  float scale;
+  double scale;
   void *dq, *dk, *dv;
   cudaStream_t stream;
   cudaError_t err = cudaSuccess;
@@ -377,7 +377,7 @@ struct LaunchBwd {
       if ((err = allow_smem(kernel, K::kSmem)) != cudaSuccess) return;
       const dim3 grid(static_cast<unsigned>(ceil_div(s.N, K::BM)), H, static_cast<unsigned>(s.B));
       kernel<<<grid, K::NT, K::kSmem, stream>>>(tq, tk, tv, tdo, lse, delta, kl, static_cast<T*>(dq), N, L, H,
-                                                scale * kLog2e, scale);
+                                                static_cast<float>(scale * kLog2e), static_cast<float>(scale));
       if ((err = cudaGetLastError()) != cudaSuccess) return;
     }
     {
@@ -386,7 +386,8 @@ struct LaunchBwd {
       if ((err = allow_smem(kernel, K::kSmem)) != cudaSuccess) return;
       const dim3 grid(static_cast<unsigned>(ceil_div(s.L, K::BN)), H, static_cast<unsigned>(s.B));
       kernel<<<grid, K::NT, K::kSmem, stream>>>(tq, tk, tv, tdo, lse, delta, kl, static_cast<T*>(dk),
-                                                static_cast<T*>(dv), N, L, H, scale * kLog2e, scale);
+                                                static_cast<T*>(dv), N, L, H, static_cast<float>(scale * kLog2e),
+                                                static_cast<float>(scale));
       err = cudaGetLastError();
     }
   }
@@ -404,7 +405,7 @@ cudaError_t launch_delta(const AttentionShape& s, const void* dout, const void* 
 
 template <class T>
 cudaError_t bwd_tc(const AttentionShape& s, const void* dout, const void* q, const void* k, const void* v,
-                   const void* lse, const void* delta, const int32_t* kl, float scale, void* dq, void* dk, void* dv,
+                   const void* lse, const void* delta, const int32_t* kl, double scale, void* dq, void* dk, void* dv,
                    cudaStream_t stream) {
   LaunchBwd<T> f{s, dout, q, k, v, static_cast<const float*>(lse), static_cast<const float*>(delta), kl, scale,
                  dq, dk, dv, stream};
@@ -419,7 +420,7 @@ size_t attention_bwd_workspace_bytes(const AttentionShape& s) {
 }
 
 cudaError_t attention_bwd(const AttentionShape& s, const void* grad_out, const void* q, const void* k,
-                          const void* v, const void* out, const void* lse, const int32_t* key_lengths, float scale,
+                          const void* v, const void* out, const void* lse, const int32_t* key_lengths, double scale,
                           void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream) {
   if (!attention_shape_ok(s)) return cudaErrorInvalidValue;
   cudaError_t err;

@@ -169,7 +169,7 @@ struct LaunchFwd {
   const AttentionShape& s;
   const void *q, *k, *v;
   const int32_t* kl;
-  float scale;
+  double scale;
   void *out, *lse;
   cudaStream_t stream;
   cudaError_t err = cudaSuccess;
@@ -185,14 +185,15 @@ struct LaunchFwd {
     kernel<<<grid, K::NT, K::kSmem, stream>>>(static_cast<const T*>(q), static_cast<const T*>(k),
                                               static_cast<const T*>(v), kl, static_cast<T*>(out),
                                               static_cast<float*>(lse), static_cast<int>(s.N),
-                                              static_cast<int>(s.L), static_cast<int>(s.H), scale * kLog2e);
+                                              static_cast<int>(s.L), static_cast<int>(s.H),
+                                              static_cast<float>(scale * kLog2e));
     err = cudaGetLastError();
   }
 };
 
 template <class T>
 cudaError_t fwd_tc(const AttentionShape& s, const void* q, const void* k, const void* v, const int32_t* kl,
-                   float scale, void* out, void* lse, cudaStream_t stream) {
+                   double scale, void* out, void* lse, cudaStream_t stream) {
   LaunchFwd<T> f{s, q, k, v, kl, scale, out, lse, stream};
   if (!dispatch_head_dim(s.D, f)) return cudaErrorInvalidValue;
   return f.err;
@@ -211,7 +212,7 @@ bool attention_shape_ok(const AttentionShape& s) {
 }
 
 cudaError_t attention_fwd(const AttentionShape& s, const void* q, const void* k, const void* v,
-                          const int32_t* key_lengths, float scale, void* out, void* lse, cudaStream_t stream) {
+                          const int32_t* key_lengths, double scale, void* out, void* lse, cudaStream_t stream) {
   if (!attention_shape_ok(s)) return cudaErrorInvalidValue;
   switch (s.dtype) {
     case DType::kFloat16:

@@ -249,7 +249,7 @@ attn_simple_dkdv_kernel(const T* __restrict__ q, const T* __restrict__ k, const 
 
 template <class T>
 cudaError_t simple_fwd(const AttentionShape& s, const void* q, const void* k, const void* v, const int32_t* kl,
-                       float scale, void* out, void* lse, cudaStream_t stream) {
+                       double scale, void* out, void* lse, cudaStream_t stream) {
   const int D = static_cast<int>(s.D);
   const size_t smem = static_cast<size_t>(kRows * D + kTile * (D + 1) + kTile * D) * sizeof(T);
   cudaError_t err = allow_smem(attn_simple_fwd_kernel<T>, smem);
@@ -265,7 +265,7 @@ cudaError_t simple_fwd(const AttentionShape& s, const void* q, const void* k, co
 
 template <class T>
 cudaError_t simple_bwd(const AttentionShape& s, const void* dout, const void* q, const void* k, const void* v,
-                       const void* lse, const void* delta, const int32_t* kl, float scale, void* dq, void* dk,
+                       const void* lse, const void* delta, const int32_t* kl, double scale, void* dq, void* dk,
                        void* dv, cudaStream_t stream) {
   const int D = static_cast<int>(s.D), N = static_cast<int>(s.N), L = static_cast<int>(s.L);
   const int H = static_cast<int>(s.H);
@@ -290,7 +290,7 @@ cudaError_t simple_bwd(const AttentionShape& s, const void* dout, const void* q,
 }  // namespace
 
 cudaError_t attention_simple_fwd(const AttentionShape& s, const void* q, const void* k, const void* v,
-                                 const int32_t* key_lengths, float scale, void* out, void* lse, cudaStream_t stream) {
+                                 const int32_t* key_lengths, double scale, void* out, void* lse, cudaStream_t stream) {
   if (s.dtype == DType::kFloat64) return simple_fwd<double>(s, q, k, v, key_lengths, scale, out, lse, stream);
   if (s.dtype == DType::kFloat32) return simple_fwd<float>(s, q, k, v, key_lengths, scale, out, lse, stream);
   return cudaErrorInvalidValue;
@@ -298,7 +298,7 @@ cudaError_t attention_simple_fwd(const AttentionShape& s, const void* q, const v
 
 cudaError_t attention_simple_bwd(const AttentionShape& s, const void* dout, const void* q, const void* k,
                                  const void* v, const void* lse, const void* delta, const int32_t* key_lengths,
-                                 float scale, void* dq, void* dk, void* dv, cudaStream_t stream) {
+                                 double scale, void* dq, void* dk, void* dv, cudaStream_t stream) {
   if (s.dtype == DType::kFloat64)
     return simple_bwd<double>(s, dout, q, k, v, lse, delta, key_lengths, scale, dq, dk, dv, stream);
   if (s.dtype == DType::kFloat32)

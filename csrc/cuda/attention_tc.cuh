@@ -41,10 +41,10 @@ bool dispatch_head_dim(int64_t D, F&& f) {
 
 // Launchers of the fp32/fp64 path (attention_simple.cu).
 cudaError_t attention_simple_fwd(const AttentionShape& s, const void* q, const void* k, const void* v,
-                                 const int32_t* key_lengths, float scale, void* out, void* lse, cudaStream_t stream);
+                                 const int32_t* key_lengths, double scale, void* out, void* lse, cudaStream_t stream);
 cudaError_t attention_simple_bwd(const AttentionShape& s, const void* dout, const void* q, const void* k,
                                  const void* v, const void* lse, const void* delta, const int32_t* key_lengths,
-                                 float scale, void* dq, void* dk, void* dv, cudaStream_t stream);
+                                 double scale, void* dq, void* dk, void* dv, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dalle3_fast

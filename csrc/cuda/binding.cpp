@@ -249,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_op(const at::Tensor& q, const a
   at::Tensor out = at::empty_like(in.q);
   at::Tensor lse = at::empty({in.shape.B, in.shape.H, in.shape.N}, in.q.options().dtype(stats_dtype(in.q)));
   check_launch(cuda::attention_fwd(in.shape, in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(), in.key_lengths,
-                                   static_cast<float>(scale), out.data_ptr(), lse.data_ptr(),
+                                   scale, out.data_ptr(), lse.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()),
                op);
   return {like_layout(out, q), lse};
@@ -279,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_op(const at::Tensor
   at::Tensor ws = at::empty({static_cast<int64_t>(attention_bwd_workspace_bytes(in.shape))},
                             in.q.options().dtype(at::kByte));
   check_launch(cuda::attention_bwd(in.shape, g.data_ptr(), in.q.data_ptr(), in.k.data_ptr(), in.v.data_ptr(),
-                                   o.data_ptr(), l.data_ptr(), in.key_lengths, static_cast<float>(scale),
+                                   o.data_ptr(), l.data_ptr(), in.key_lengths, scale,
                                    dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), ws.data_ptr(),
                                    c10::cuda::getCurrentCUDAStream()),
                op);

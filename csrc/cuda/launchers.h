@@ -64,14 +64,14 @@ struct AttentionShape {
 bool attention_head_dim_supported(int64_t D);
 
 cudaError_t attention_fwd(const AttentionShape& shape, const void* q, const void* k, const void* v,
-                          const int32_t* key_lengths, float scale, void* out, void* lse, cudaStream_t stream);
+                          const int32_t* key_lengths, double scale, void* out, void* lse, cudaStream_t stream);
 
 // Scratch memory (bytes) the backward needs: delta = rowsum(dO * O), (B, H, N) in the lse dtype.
 size_t attention_bwd_workspace_bytes(const AttentionShape& shape);
 
 cudaError_t attention_bwd(const AttentionShape& shape, const void* grad_out, const void* q, const void* k,
                           const void* v, const void* out, const void* lse, const int32_t* key_lengths,
-                          float scale, void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);
+                          double scale, void* dq, void* dk, void* dv, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dalle3_fast

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import sys
+import threading
 import time
 import zlib
 from contextlib import nullcontext
@@ -77,6 +79,57 @@ def _shard_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
+def _prepared_batches(shard: str, stats: ShardStats, size: int, batch_size: int):
+    """Lists of (sample, (3, size, size) tensor in [-1, 1]) from one shard, in file order."""
+    batch = []
+    for sample, image in iter_samples([shard], stats):
+        batch.append((sample, image_to_tensor(resize_to_bucket(image, Bucket(size, size)))))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _prefetch(iterator, depth: int = 2):
+    """Run ``iterator`` in a background thread, ``depth`` items ahead; its exceptions re-raise here."""
+    items: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(message) -> bool:
+        while not stop.is_set():  # the consumer may have stopped listening
+            try:
+                items.put(message, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in iterator:
+                if not put(("item", item)):
+                    return
+            put(("done", done))
+        except BaseException as exc:  # handed to the consumer
+            put(("error", exc))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_size: int = 64,
               max_new_tokens: int | None = None, method: str = "greedy", num_beams: int = 4, top_p: float = 0.9,
               temperature: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32, update_json: bool = False,
@@ -109,7 +162,7 @@ def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_siz
                disable=not progress, dynamic_ncols=True)
 
     def caption_batch(batch, generator):
-        images = torch.stack([t for _, t in batch]).to(device)
+        images = torch.stack([t for _, t in batch]).to(device, non_blocking=True)
         with torch.inference_mode(), autocast:
             texts = model.generate(images, max_new_tokens=max_new_tokens, method=method, num_beams=num_beams,
                                    top_p=top_p, temperature=temperature, generator=generator)
@@ -126,29 +179,19 @@ def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_siz
         if method == "nucleus":
             generator = torch.Generator(device=device).manual_seed(_shard_seed(seed, name))
         with ShardWriter(target) as writer:
-            batch = []
-
-            def flush():
+            # decoding the next batch overlaps with captioning this one
+            for batch in _prefetch(_prepared_batches(shard, report.stats, size, batch_size)):
                 for (sample, _), text in zip(batch, caption_batch(batch, generator)):
                     members = dict(sample.members)
                     members[style] = text
                     if update_json and "json" in members:
                         try:
-                            meta = sample.json()
-                            members["json"] = {**meta, style: text}
+                            members["json"] = {**sample.json(), style: text}
                         except CorruptSample as exc:  # keep the original bytes untouched
                             report.stats.note("corrupt_members", str(exc))
                     writer.write(sample.key, members)
                 report.captioned += len(batch)
                 bar.update(len(batch))
-                batch.clear()
-
-            for sample, image in iter_samples([shard], report.stats):
-                batch.append((sample, image_to_tensor(resize_to_bucket(image, Bucket(size, size)))))
-                if len(batch) == batch_size:
-                    flush()
-            if batch:
-                flush()
         report.shards_written.append(name)
     bar.close()
     report.seconds = time.perf_counter() - start

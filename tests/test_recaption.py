@@ -158,3 +158,16 @@ def test_recaption_bf16_on_gpu(tmp_path, captioner_dir):
     assert report.captioned == 8
     outputs, _ = read_all(str(tmp_path / "out" / "000000.tar"))
     assert all(s.text("dsc") for s in outputs.values())
+
+
+def test_prefetch_keeps_order_and_reraises():
+    from dalle3_fast.recaption import _prefetch
+
+    assert list(_prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise KeyError("decoder died")
+
+    with pytest.raises(KeyError, match="decoder died"):
+        list(_prefetch(failing()))

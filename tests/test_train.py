@@ -82,7 +82,7 @@ def losses(out_dir: str) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, Path(out_dir, "metrics.jsonl").read_text().splitlines())]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_resume_reproduces_uninterrupted_run(tmp_path, precision):
     full = load_config(raw=config(tmp_path / "a", precision=precision))
     train(full, progress=False)

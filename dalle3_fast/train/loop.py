@@ -132,7 +132,11 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: bool, progress: bool) ->
             ema.load_state_dict(_strip(loaded.ema, ""))
         set_optimizer_state_dict(module, opt, optim_state_dict=loaded.optimizer,
                                  options=StateDictOptions(full_state_dict=True))
-        scaler.load_state_dict(loaded.state["grad_scaler"]) if scaler.is_enabled() else None
+        if scaler.is_enabled():
+            if loaded.state.get("grad_scaler") is None:
+                raise CheckpointError("--resume: the checkpoint has no fp16 grad-scaler state; resume with the "
+                                      "precision it was trained with")
+            scaler.load_state_dict(loaded.state["grad_scaler"])
         ckpt.restore_rng(loaded.rng_tensors, loaded.rng_meta, device)
         start = int(loaded.state["step"])
     else:

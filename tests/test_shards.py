@@ -1,6 +1,5 @@
 """WebDataset shards: round trip, interop with the webdataset package, atomic writes, and a reader that
 skips and counts every kind of damage instead of crashing."""
-import io
 import json
 import tarfile
 

@@ -1,11 +1,8 @@
 """Scene world: determinism, captions vs graphs (parser round trip over every template), the detector
 on clean renders, per-attribute comparison, prompts, and the shard-writing CLI."""
 import json
-import os
-import random
 import re
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from .graph import ABOVE, LEFT_OF, SHAPE_PLURALS, Group, GroupKey, Relation, SceneGraph
+from .graph import ABOVE, SHAPE_PLURALS, Group, GroupKey, SceneGraph
 
 COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 # surface forms per (canonical or inverse) predicate; the parser knows all of them
@@ -182,12 +182,4 @@ def captions(graph: SceneGraph, seed) -> dict[str, str]:
     return {"alt": alt_text(graph, f"{seed}:alt"), "ssc": ssc(graph, f"{seed}:ssc"), "dsc": dsc(graph, f"{seed}:dsc")}
 
 
-def relation_groups(graph: SceneGraph) -> list[tuple[Group, str, Group]]:
-    """Relations with their full groups, for prompt writers."""
-    by_key = {g.key: g for g in graph.groups()}
-    return [(by_key[r.subject], r.predicate, by_key[r.object]) for r in graph.relations
-            if r.subject in by_key and r.object in by_key]
-
-
-__all__ = ["alt_text", "ssc", "dsc", "captions", "group_phrase", "reference", "relation_groups",
-           "PREDICATE_PHRASES", "LEFT_OF", "ABOVE", "Relation"]
+__all__ = ["alt_text", "ssc", "dsc", "captions", "group_phrase", "reference", "PREDICATE_PHRASES"]

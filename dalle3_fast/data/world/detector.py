@@ -9,7 +9,7 @@
    sharp edge was, and blends never turn into a third colour.
 4. Objects: 4-connected components of each colour with at least ``min_area_fraction`` of a grid
    cell, 30 % of it close to the colour itself. Shape from geometry (fill of the bounding box,
-   solidity = area / convex hull, vertical offset of the centroid, aspect), size from the box extent
+   solidity = area / convex hull, vertical offset of the centroid), size from the box extent
    relative to a grid cell.
 5. Text: the pixels of the text colour; when there are enough, the word is read by sampling the 5x7
    glyph grid of ``font`` at the scale the box height implies; its row gives its position.

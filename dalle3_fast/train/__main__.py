@@ -44,8 +44,9 @@ def main(argv=None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
             return 0
         from .loop import train
+        from .config import build_dataclass
         from .task import resolve_task
-        resolve_task(cfg.task)
+        build_dataclass(resolve_task(cfg.task).Options, cfg.task_options, prefix="task_options.")  # fail early
         summary = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

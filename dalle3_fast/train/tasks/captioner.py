@@ -75,7 +75,9 @@ class CaptionerTask(Task):
 
     def sample(self, model: CoCa, step):
         model.eval()
-        batch = next(image_batches(self.options, self.options.sample_count, 0, 1, 10_000_000, 8))
+        # world: a far-off batch no run trains on; shards: the first batch (skipping far would read every shard)
+        start = 10_000_000 if self.options.data == "world" else 0
+        batch = next(image_batches(self.options, self.options.sample_count, 0, 1, start, 8))
         images = batch["image"].to(self.ctx.device)
         lines = [json.dumps({"step": step, "caption": text, "reference": record.get(self.options.caption_key)})
                  for record, text in zip(batch["records"], model.generate(images, max_new_tokens=self.options.sample_tokens))]

@@ -20,7 +20,8 @@ from dalle3_fast.ops import reference
 _LIVE = "triton" in ops.available_backends()
 needs_triton = pytest.mark.skipif(not _LIVE, reason="Triton needs CUDA, or TRITON_INTERPRET=1 for CPU tensors")
 _DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.float64: 1e-12}
+# float64 runs in float64, but the softmax scale reaches a compiled kernel as an fp32 scalar.
+_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.float64: 1e-12 if _DEVICE == "cpu" else 1e-6}
 
 
 def _rel(out, ref):

@@ -24,6 +24,8 @@ Same fused / split scheme as the forward. All statistics in fp32 (fp64 for fp64 
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -305,10 +307,11 @@ def _blocks(cg: int, s: int, tile: int) -> tuple[int, int]:
     return block_c, block_s
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+    return 1  # the interpreter: one group per program unless a test forces splits
 
 
 def _plan_splits(groups: int, s: int, block_s: int, device: torch.device) -> int:

@@ -10,8 +10,8 @@ from PIL import ImageFilter
 
 from dalle3_fast.data.shards import iter_samples
 from dalle3_fast.data.world import (SHAPES, GroupKey, Relation, SceneGraph, SceneObject, accuracy, alt_text, captions,
-                                    compare, detect, dsc, generate, parse_caption, prompt_cases, render, sample_scene,
-                                    ssc, world_sample)
+                                    compare, detect, dsc, generate, parse_caption, prompt_cases, realize, render,
+                                    sample_scene, ssc, world_sample)
 from dalle3_fast.data.world import font
 from dalle3_fast.data.world.__main__ import main as world_main
 from dalle3_fast.data.world.captions import PREDICATE_PHRASES
@@ -189,16 +189,23 @@ def test_compare_catches_each_kind_of_error():
     assert compare(parse_caption(dsc(truth, 0)), truth)["all"]
 
 
-def test_prompt_cases_round_trip_through_render_and_detect():
+def test_prompt_cases_realize_render_and_detect_exactly():
     cases = prompt_cases(20, seed=1)
     assert {c.category for c in cases} == {"colour", "shape", "count", "position", "text", "dsc"}
     assert cases == prompt_cases(20, seed=1)
-    for c in cases:
+    results = []
+    for i, c in enumerate(cases):
         assert c.graph.objects, c.prompt
         if c.category == "position":
             assert len(c.graph.relations) == 1
         if c.category == "text":
             assert c.graph.word and c.graph.word in c.prompt
+        # a perfect generator's image of the prompt passes every check the prompt makes
+        scene = realize(c.graph, i)
+        results.append(compare(detect(render(scene)), c.graph))
+    assert accuracy(results)["all"] == 1.0
+    with pytest.raises(ValueError, match="contradict"):
+        realize(parse_caption("a red circle left of a blue star. The blue star is left of the red circle."))
 
 
 def test_font_reads_back_every_letter():

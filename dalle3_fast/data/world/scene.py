@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import font
-from .graph import (BACKGROUND_COLOURS, GRID, OBJECT_COLOURS, SHAPES, SIZES, TEXT_COLOURS, WORD_POSITIONS,
-                    SceneGraph, SceneObject, cell_size, relation_margins)
+from .graph import (BACKGROUND_COLOURS, GRID, OBJECT_COLOURS, SHAPES, SIZES, TEXT_COLOURS, WORD_POSITIONS, GroupKey,
+                    Relation, SceneGraph, SceneObject, cell_size, relation_margins)
 
 WORDS = ("CAT", "DOG", "SUN", "SKY", "OK", "YES", "NO", "STOP", "GO", "TOY", "BOX", "CAKE", "FISH", "TREE",
          "MOON", "BIRD", "HOME", "ZOO", "JAM", "LOVE", "WOW", "BUS", "KEY", "HAT")
@@ -150,3 +150,38 @@ def render(graph: SceneGraph) -> Image.Image:
 def generate(seed, width: int = 64, height: int = 64, **kwargs) -> tuple[Image.Image, SceneGraph]:
     graph = sample_scene(seed, width, height, **kwargs)
     return render(graph), graph
+
+
+def realize(graph: SceneGraph, seed=0, width: int = 64, height: int = 64, *, tries: int = 2000) -> SceneGraph:
+    """A placed scene that shows what ``graph`` states (e.g. a parsed prompt): every object in its own
+    cell, every stated relation true; unspecified sizes, colours, background and word row are drawn
+    from ``seed``. Renders a prompt exactly as a perfect generator would (an oracle for evaluation).
+    """
+    _check_size(width, height)
+    rng = _rng(seed)
+    background = graph.background or rng.choice(sorted(BACKGROUND_COLOURS))
+    word_position = (graph.word_position or rng.choice(WORD_POSITIONS)) if graph.word else None
+    rows = [r for r in range(GRID) if word_position is None or r != WORD_POSITIONS.index(word_position)]
+    cells = [(r, c) for r in rows for c in range(GRID)]
+    fill: dict[GroupKey, GroupKey] = {}  # the same unspecified key always gets the same choices
+    keys = []
+    for o in graph.objects:
+        k = o.key()
+        if k not in fill:
+            fill[k] = GroupKey(k.size or rng.choice(SIZES), k.colour or rng.choice(sorted(OBJECT_COLOURS)), k.shape)
+        keys.append(fill[k])
+    if len(keys) > len(cells):
+        raise ValueError(f"{len(keys)} objects do not fit the {len(cells)} free cells of the layout")
+    cw, ch = cell_size(width, height)
+    wanted = {Relation(fill.get(r.subject, r.subject), r.predicate, fill.get(r.object, r.object))
+              for r in graph.relations}
+    for _ in range(tries):
+        placed = []
+        for (size, colour, shape), (r, c) in zip(keys, rng.sample(cells, len(keys))):
+            radius = RADIUS_FRACTION[size] * min(cw, ch)
+            placed.append(SceneObject(shape, colour, size, (c + 0.5) * cw, (r + 0.5) * ch, round(radius, 2)))
+        scene = SceneGraph(tuple(placed), background, graph.word, word_position, (), width, height)
+        if wanted <= scene.positional_relations(*relation_margins(width, height)):
+            return scene.with_relations(wanted)
+    raise ValueError(f"no layout of the {GRID}x{GRID} grid satisfies the relations {sorted(wanted)}; "
+                     "they may contradict each other")

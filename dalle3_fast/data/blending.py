@@ -105,10 +105,13 @@ class BlendedShardDataset(IterableDataset):
             return synthetic
         return original
 
-    def my_shards(self) -> list[str]:
+    def rank_world(self) -> tuple[int, int]:
         rank, world = distributed_rank_world()
-        rank = self.rank if self.rank is not None else rank
-        world = self.world_size if self.world_size is not None else world
+        return (self.rank if self.rank is not None else rank,
+                self.world_size if self.world_size is not None else world)
+
+    def my_shards(self) -> list[str]:
+        rank, world = self.rank_world()
         shards = list(self.shards)
         random.Random(f"shards:{self.seed}:{self.epoch}").shuffle(shards)
         shards = shards[rank::world]
@@ -122,7 +125,7 @@ class BlendedShardDataset(IterableDataset):
 
     def _samples(self) -> Iterator[tuple[Bucket, tuple[torch.Tensor, str]]]:
         info = get_worker_info()
-        rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank}:{info.id if info else 0}")
+        rng = random.Random(f"buffer:{self.seed}:{self.epoch}:{self.rank_world()[0]}:{info.id if info else 0}")
         buffer: list = []
         for sample, image in iter_samples(self.my_shards(), self.stats):
             bucket = closest_bucket(*image.size, self.buckets)

@@ -44,13 +44,15 @@ class RecaptionReport:
     world_size: int = 1
     shards_written: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)  # already complete from an earlier run
+    shards_failed: list[str] = field(default_factory=list)  # missing or not a tar: no output written
     captioned: int = 0
     seconds: float = 0.0
     stats: ShardStats = field(default_factory=ShardStats)
 
     def as_dict(self) -> dict:
         return {"rank": self.rank, "world_size": self.world_size, "shards_written": self.shards_written,
-                "shards_skipped": self.shards_skipped, "captioned": self.captioned,
+                "shards_skipped": self.shards_skipped, "shards_failed": self.shards_failed,
+                "captioned": self.captioned,
                 "seconds": round(self.seconds, 3), "images_per_second": round(self.captioned / self.seconds, 2)
                 if self.seconds else None, "read": self.stats.as_dict(), "errors": self.stats.errors}
 
@@ -130,17 +132,22 @@ def _prefetch(iterator, depth: int = 2):
         thread.join(timeout=5)
 
 
-def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_size: int = 64,
+def recaption(model, shards: str | list[str], output, *, style: str = "dsc", batch_size: int = 64,
               max_new_tokens: int | None = None, method: str = "greedy", num_beams: int = 4, top_p: float = 0.9,
               temperature: float = 1.0, seed: int = 0, dtype: torch.dtype = torch.float32, update_json: bool = False,
               rank: int = 0, world_size: int = 1, progress: bool = True) -> RecaptionReport:
-    """Caption this rank's share (``shards[rank::world_size]``) into ``output``; see the module doc."""
+    """Caption this rank's share (``shards[rank::world_size]``) into ``output``; see the module doc.
+
+    ``shards``: a brace spec or a list of paths/specs. Missing or unreadable input shards get no
+    output shard (listed in ``shards_failed``), so a rerun retries them.
+    """
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    shards = expand_shards(shards)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     names = [Path(s).name for s in shards]
@@ -178,7 +185,13 @@ def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_siz
         generator = None
         if method == "nucleus":
             generator = torch.Generator(device=device).manual_seed(_shard_seed(seed, name))
-        with ShardWriter(target) as writer:
+        if not os.path.isfile(shard):
+            report.stats.note("missing_shards", f"shard {shard} does not exist")
+            report.shards_failed.append(name)
+            continue
+        unreadable_before = report.stats.unreadable_shards
+        writer = ShardWriter(target)
+        try:
             # decoding the next batch overlaps with captioning this one
             for batch in _prefetch(_prepared_batches(shard, report.stats, size, batch_size)):
                 for (sample, _), text in zip(batch, caption_batch(batch, generator)):
@@ -192,6 +205,14 @@ def recaption(model, shards: list[str], output, *, style: str = "dsc", batch_siz
                     writer.write(sample.key, members)
                 report.captioned += len(batch)
                 bar.update(len(batch))
+        except BaseException:
+            writer.discard()
+            raise
+        if report.stats.unreadable_shards > unreadable_before:
+            writer.discard()  # not a tar at all: leave no output, so it is retried once replaced
+            report.shards_failed.append(name)
+            continue
+        writer.close()  # a truncated input keeps the samples before the damage (counted in the stats)
         report.shards_written.append(name)
     bar.close()
     report.seconds = time.perf_counter() - start
@@ -267,8 +288,10 @@ def main(argv=None) -> int:
             torch.distributed.destroy_process_group()
         return 2
     rate = report.captioned / report.seconds if report.seconds else 0.0
+    failed = f", {len(report.shards_failed)} missing or unreadable" if report.shards_failed else ""
     print(f"rank {rank}/{world_size}: captioned {report.captioned} images into {len(report.shards_written)} shards "
-          f"({len(report.shards_skipped)} already done) at {rate:.1f} images/s; read {report.stats}", file=sys.stderr)
+          f"({len(report.shards_skipped)} already done{failed}) at {rate:.1f} images/s; read {report.stats}",
+          file=sys.stderr)
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

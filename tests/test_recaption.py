@@ -69,12 +69,15 @@ def test_recaption_in_process(tmp_path, captioner_dir):
         w.write("broken", {"png": b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "txt": "x"})
         w.write("fine", {"png": image, "txt": "y"})
         w.write("bad_json", {"png": image, "txt": "z", "json": b"{not json"})
-    shards = [str(tmp_path / "in" / f"{s:06d}.tar") for s in range(3)]
+    (tmp_path / "in" / "000003.tar").write_bytes(b"not a tar" * 100)
+    shards = [str(tmp_path / "in" / f"{s:06d}.tar") for s in range(5)]  # 000004.tar does not exist
     model = load_captioner(captioner_dir, torch.device("cpu"))
     report = recaption(model, shards, tmp_path / "out", style="dsc", batch_size=4, max_new_tokens=12,
                        update_json=True, progress=False)
     assert report.shards_written == ["000000.tar", "000001.tar", "000002.tar"] and report.captioned == 14
     assert report.stats.corrupt_images == 1 and report.stats.corrupt_members == 1
+    assert report.shards_failed == ["000003.tar", "000004.tar"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == report.shards_written  # no empty stand-ins
     inputs, _ = read_all(spec)
     outputs, stats = read_all(str(tmp_path / "out" / "{000000..000002}.tar"))
     assert stats.skipped == 0 and len(outputs) == 14 and "broken" not in outputs
@@ -91,8 +94,24 @@ def test_recaption_in_process(tmp_path, captioner_dir):
         assert out.json() == {**original.json(), "dsc": out.text("dsc")}
     again = recaption(model, shards, tmp_path / "out", batch_size=4, max_new_tokens=12, progress=False)
     assert again.shards_skipped == report.shards_written and again.captioned == 0
+    assert again.shards_failed == report.shards_failed  # retried, still bad
     with pytest.raises(ValueError, match="overwrite the input"):
         recaption(model, shards, tmp_path / "in", progress=False)
+
+
+@pytest.mark.parametrize("method", ["nucleus", "beam"])
+def test_sampled_and_beam_decoding_are_reproducible(tmp_path, captioner_dir, method):
+    spec = write_input(tmp_path / "in", 1, 5)
+    model = load_captioner(captioner_dir, torch.device("cpu"))
+    runs = []
+    for run in ("a", "b"):
+        report = recaption(model, [spec], tmp_path / run, method=method, num_beams=2, batch_size=3,
+                           max_new_tokens=10, seed=7, progress=False)
+        assert report.captioned == 5
+        runs.append((tmp_path / run / "000000.tar").read_bytes())
+    assert runs[0] == runs[1]  # nucleus draws are seeded per shard, so a redone shard is the same shard
+    captions = [s.text("dsc") for s, _ in iter_samples(str(tmp_path / "a" / "000000.tar"))]
+    assert len(captions) == 5 and all(isinstance(c, str) for c in captions)
 
 
 def test_kill_dash_nine_then_resume(tmp_path, captioner_dir):

@@ -29,6 +29,7 @@ class ToyTask(Task):
     class Options:
         width: int = 16
         dump_dir: str = ""       # each rank writes its final weights here (DDP agreement test)
+        fail_at: int = -1        # the data stream raises at this micro-batch
 
     def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(4, self.options.width), nn.GELU(), nn.Dropout(0.1), nn.Linear(self.options.width, 2))
@@ -36,6 +37,8 @@ class ToyTask(Task):
     def batches(self, batch_size, rank, world_size, start):
         index = start
         while True:
+            if index == self.options.fail_at:
+                raise ValueError(f"toy data broke at micro-batch {index}")
             g = torch.Generator().manual_seed(self.ctx.seed * 100_003 + rank * 10_007 + index)
             x = torch.randn(batch_size, 4, generator=g)
             yield {"x": x, "y": x[:, :2] * 2 - x[:, 2:] + 0.1 * torch.randn(batch_size, 2, generator=g)}
@@ -122,7 +125,7 @@ def test_checkpoint_is_atomic_when_save_fails(tmp_path, monkeypatch):
 
 
 def test_sample_grid_and_metrics(tmp_path):
-    cfg = load_config(raw=config(tmp_path, steps=2, sample_every=2, log_every=2, grad_accum=1))
+    cfg = load_config(raw=config(tmp_path, steps=2, sample_every=2, log_every=2, grad_accum=1, prefetch=0))
     summary = train(cfg, progress=False)
     png = Path(cfg.out_dir, "samples", "step_00000002.png")
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -138,6 +141,8 @@ def test_fresh_run_refuses_existing_checkpoints_and_resume_needs_one(tmp_path):
     train(cfg, progress=False)
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(cfg, progress=False)
+    with pytest.raises(ValueError, match="toy data broke at micro-batch 3"):  # raised on the prefetch thread
+        train(load_config(raw=config(tmp_path / "bad", task_options={"fail_at": 3})), progress=False)
     with pytest.raises(ValueError, match="batch_size=4"):
         train(load_config(raw=config(tmp_path, steps=2, batch_size=2)), resume=True, progress=False)
 

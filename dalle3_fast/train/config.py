@@ -54,6 +54,7 @@ class TrainConfig:
     ckpt_every: int = 500                # 0: only at the end
     keep_checkpoints: int = 2
     sample_every: int = 0                # 0: no sample grids
+    prefetch: int = 2                    # micro-batches prepared ahead on a background thread; 0: inline
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self):
@@ -62,7 +63,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, ">= 1"), ("grad_clip", self.grad_clip >= 0, ">= 0"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1)"), ("log_every", self.log_every >= 1, ">= 1"),
             ("ckpt_every", self.ckpt_every >= 0, ">= 0"), ("sample_every", self.sample_every >= 0, ">= 0"),
-            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, ">= 1"), ("prefetch", self.prefetch >= 0, ">= 0"),
             ("optimizer.lr", self.optimizer.lr > 0, "> 0"),
             ("optimizer.warmup_steps", self.optimizer.warmup_steps >= 0, ">= 0"),
         ]

@@ -5,7 +5,7 @@ import math
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from .distributed import (DistInfo, all_reduce_mean, barrier, destroy_on_exit, f
 from .ema import EMA
 from .images import save_grid
 from .logging import MetricsLogger
+from .prefetch import Prefetcher
 from .task import Task, TaskContext, build_task
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -74,11 +75,11 @@ def _strip(state: dict, prefix: str = "net.") -> dict:
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Run ``cfg`` to ``cfg.steps`` optimizer steps; returns a summary (final step, loss, paths)."""
     info = init_distributed(cfg.device)
-    with destroy_on_exit(info):
-        return _train(cfg, info, resume=resume, progress=progress)
+    with destroy_on_exit(info), ExitStack() as cleanup:
+        return _train(cfg, info, cleanup, resume=resume, progress=progress)
 
 
-def _train(cfg: TrainConfig, info: DistInfo, *, resume: bool, progress: bool) -> dict:
+def _train(cfg: TrainConfig, info: DistInfo, cleanup: ExitStack, *, resume: bool, progress: bool) -> dict:
     out = Path(cfg.out_dir)
     root = out / "checkpoints"
     device = info.device
@@ -144,6 +145,8 @@ def _train(cfg: TrainConfig, info: DistInfo, *, resume: bool, progress: bool) ->
         start = 0
 
     data = iter(task.batches(cfg.batch_size, info.rank, info.world_size, start * cfg.grad_accum))
+    if cfg.prefetch:
+        data = cleanup.enter_context(Prefetcher(data, cfg.prefetch))
     samples_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
     logger = MetricsLogger(out, start if loaded is not None else None) if info.is_main else None
 

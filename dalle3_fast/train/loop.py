@@ -22,7 +22,7 @@ from .distributed import (DistInfo, all_reduce_mean, barrier, destroy_on_exit, f
                           init_distributed, wrap_model)
 from .ema import EMA
 from .images import save_grid
-from .logging import MetricsLogger
+from .metrics import MetricsLogger
 from .prefetch import Prefetcher
 from .task import Task, TaskContext, build_task
 

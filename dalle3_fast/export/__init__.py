@@ -1,0 +1,11 @@
+"""ONNX and TensorRT export of the pipeline's parts (``python -m dalle3_fast.export --help``).
+
+    from dalle3_fast.export import ORTDecoder, export_onnx, part_spec, verify_onnx
+    from dalle3_fast.export.tensorrt import TRTDecoder, build_engine      # needs tensorrt + a GPU
+"""
+from dalle3_fast.export.engine_decoder import EngineDecoder, ORTDecoder
+from dalle3_fast.export.graphs import PARTS, PartSpec, part_spec
+from dalle3_fast.export.onnx_export import check_onnx, export_onnx, verify_onnx
+
+__all__ = ["EngineDecoder", "ORTDecoder", "PARTS", "PartSpec", "part_spec", "check_onnx", "export_onnx",
+           "verify_onnx"]

@@ -34,7 +34,7 @@ class TextContext(NamedTuple):
 
     @property
     def batch_size(self) -> int:
-        return int(self.lengths.shape[0])
+        return self.lengths.shape[0]  # no int(): a symbolic batch must stay symbolic under torch.export
 
     @staticmethod
     def from_tokens(tokens: torch.Tensor, lengths: torch.Tensor | None = None,

@@ -68,7 +68,8 @@ class Upsample2D(nn.Module):
         if output_size is None:
             hidden_states = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
         else:
-            hidden_states = F.interpolate(hidden_states, size=tuple(int(s) for s in output_size), mode="nearest")
+            hidden_states = F.interpolate(hidden_states, size=tuple(s if isinstance(s, (int, torch.SymInt)) else int(s)
+                                                                 for s in output_size), mode="nearest")
         if self.conv is not None:
             hidden_states = self.conv(hidden_states)
         return hidden_states

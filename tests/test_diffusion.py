@@ -133,6 +133,17 @@ def test_schedules_match_diffusers_betas():
         assert rel(ours.alphas_cumprod, ref.alphas_cumprod) < 1e-6, kind
 
 
+def test_diffusers_scheduler_config_round_trip():
+    for kind in ("linear", "scaled_linear", "cosine"):
+        ours = NoiseSchedule(kind, 1024, 0.0001, 0.03)
+        cfg = ours.to_diffusers_config("v_prediction")
+        theirs = diffusers.DDPMScheduler.from_config(cfg)
+        assert rel(ours.alphas_cumprod, theirs.alphas_cumprod) < 1e-6 and theirs.config.prediction_type == "v_prediction"
+        assert NoiseSchedule.from_diffusers_config(dict(theirs.config)).config() == ours.config()
+    with pytest.raises(ValueError, match="beta_schedule"):
+        NoiseSchedule.from_diffusers_config({"beta_schedule": "sigmoid"})
+
+
 def test_prediction_conversions_round_trip():
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)

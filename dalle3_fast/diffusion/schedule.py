@@ -15,6 +15,7 @@ import math
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+_DIFFUSERS_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
 class NoiseSchedule:
@@ -55,6 +56,25 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
         return cls(**config)
+
+    def to_diffusers_config(self, prediction_type: str = "epsilon") -> dict:
+        """diffusers' ``scheduler_config.json`` fields (read by DDPM/DDIM/Euler/DPM-Solver schedulers)."""
+        return {"_class_name": "DDPMScheduler", "num_train_timesteps": self.num_train_timesteps,
+                "beta_schedule": _DIFFUSERS_NAMES[self.beta_schedule], "beta_start": self.beta_start,
+                "beta_end": self.beta_end, "prediction_type": prediction_type, "clip_sample": False}
+
+    @classmethod
+    def from_diffusers_config(cls, config: dict) -> "NoiseSchedule":
+        """Read a diffusers ``scheduler_config.json`` dict (SD's, or one ``to_diffusers_config`` wrote)."""
+        names = {v: k for k, v in _DIFFUSERS_NAMES.items()}
+        kind = config.get("beta_schedule", "linear")
+        if kind not in names:
+            raise ValueError(f"scheduler config: beta_schedule={kind!r} is not supported; use one of "
+                             f"{', '.join(names)}")
+        if config.get("trained_betas") is not None or config.get("rescale_betas_zero_snr"):
+            raise ValueError("scheduler config: trained_betas and rescale_betas_zero_snr are not supported")
+        return cls(names[kind], int(config.get("num_train_timesteps", 1000)), float(config.get("beta_start", 0.0001)),
+                   float(config.get("beta_end", 0.02)))
 
     @property
     def sigma_min(self) -> float:

@@ -25,15 +25,7 @@ from .captions import blend_captions
 from .frozen import freeze, load_frozen_vae
 from .image_data import ImageDataOptions, image_batches, to_unit, world_captions
 
-DIFFUSERS_BETA_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 SCHEDULER_CONFIG = "scheduler_config.json"
-
-
-def scheduler_config(schedule: NoiseSchedule, prediction_type: str) -> dict:
-    """The schedule as diffusers' scheduler_config.json fields (a DDPM-family scheduler reads them)."""
-    return {"_class_name": "DDPMScheduler", "num_train_timesteps": schedule.num_train_timesteps,
-            "beta_schedule": DIFFUSERS_BETA_NAMES[schedule.beta_schedule], "beta_start": schedule.beta_start,
-            "beta_end": schedule.beta_end, "prediction_type": prediction_type, "clip_sample": False}
 
 
 def build_tiny_text_encoder(directory: Path, width: int, seed: int, vocab_size: int, scenes: int):
@@ -163,4 +155,4 @@ class UNetTask(Task):
 
     def export(self, unet: UNet, directory: Path):
         unet.save_pretrained(directory)
-        write_config(scheduler_config(self.schedule, self.options.prediction_type), directory, SCHEDULER_CONFIG)
+        write_config(self.schedule.to_diffusers_config(self.options.prediction_type), directory, SCHEDULER_CONFIG)

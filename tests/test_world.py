@@ -143,6 +143,15 @@ def test_detector_on_clean_renders(size, n):
     assert set(acc) == {"shape", "colour", "binding", "size", "count", "position", "background", "word", "all"}
 
 
+def test_detector_reads_large_images_at_a_bounded_size():
+    for s in range(6):
+        image, graph = generate(s, 1024, 1024) if s % 2 else generate(s, 1792, 1024)
+        found = detect(image)
+        assert (found.width, found.height) == image.size and compare(found, graph)["all"]
+        for o in graph.objects:  # positions come back in the image's own pixels
+            assert min(abs(o.cx - p.cx) + abs(o.cy - p.cy) for p in found.objects) < 0.01 * image.width
+
+
 @pytest.mark.parametrize("damage", ["noise", "blur"])
 def test_detector_survives_noise_and_blur(damage):
     # what a generator's output looks like: pixel noise (sd 10 of 255) or a slightly soft render

@@ -114,14 +114,31 @@ def _as_array(image) -> np.ndarray:
 
 
 def detect(image, *, core_distance: float = 60.0, min_area_fraction: float = 0.02,
-           min_text_fraction: float = 0.004) -> SceneGraph:
+           min_text_fraction: float = 0.004, max_side: int = 256) -> SceneGraph:
     """Scene graph (placed objects, background, word, relations between all groups) read from pixels.
 
     ``image``: PIL image or HxWx3 uint8 array. ``core_distance``: RGB distance within which a pixel
     counts as an exact object colour. ``min_area_fraction``: smallest object, as a fraction of a grid
     cell. ``min_text_fraction``: fewest text pixels, as a fraction of the image, to report a word.
+    Images larger than ``max_side`` are read at that size (box-filtered; everything the detector
+    measures is relative to the grid) and positions are scaled back to the image's pixels.
     """
-    arr = _as_array(image).astype(np.int32)
+    arr = _as_array(image)
+    h, w, _ = arr.shape
+    if max(h, w) <= max_side:
+        return _detect(arr, core_distance, min_area_fraction, min_text_fraction)
+    factor = max(h, w) / max_side
+    small = np.asarray(Image.fromarray(arr).resize((max(1, round(w / factor)), max(1, round(h / factor))),
+                                                   Image.BOX))
+    graph = _detect(small, core_distance, min_area_fraction, min_text_fraction)
+    fx, fy = w / small.shape[1], h / small.shape[0]
+    objects = tuple(SceneObject(o.shape, o.colour, o.size, o.cx * fx, o.cy * fy, o.radius * max(fx, fy))
+                    for o in graph.objects)
+    return SceneGraph(objects, graph.background, graph.word, graph.word_position, graph.relations, w, h)
+
+
+def _detect(arr: np.ndarray, core_distance: float, min_area_fraction: float, min_text_fraction: float) -> SceneGraph:
+    arr = arr.astype(np.int32)
     h, w, _ = arr.shape
     cw, ch = cell_size(w, h)
     cell, min_area = min(cw, ch), min_area_fraction * cw * ch

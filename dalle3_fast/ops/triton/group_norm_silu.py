@@ -7,7 +7,8 @@ x is viewed as (B, C, S) through its strides, so channels-first (B, C, H, W) / (
 and channels-last (B, H, W, C) memory run through the same kernels; y and dx keep x's
 strides. A program owns one (sample, group) and a chunk of its spatial extent; it
 covers all Cg channels of the group in one tile row block of BLOCK_C = next_pow2(Cg)
-rows, so per-channel terms live in registers.
+rows, so per-channel terms live in registers. Cg is a compile-time constant (a model
+has a handful), which lets channels-last loads vectorise when Cg is a power of two.
 
 Forward, small groups (enough (b, g) pairs to fill the GPU): one program per group
 computes the statistics (Chan's parallel variance over tiles) and then writes y, the
@@ -34,13 +35,17 @@ from dalle3_fast.ops.triton._config import INTERPRET
 
 # Elements per tile (BLOCK_C * BLOCK_S). The interpreter runs numpy per tile, so its
 # tiles are small enough to exercise the masks and the tile loops on tiny test tensors.
-_TILE_FWD = 256 if INTERPRET else 1024
-_TILE_BWD = 256 if INTERPRET else 1024
-_NUM_WARPS = 8
+_TILE_FWD = 256 if INTERPRET else 2048
+_TILE_BWD = 256 if INTERPRET else 2048
+_NUM_WARPS = 8  # with 2048-element tiles: 8 elements a thread, 16-byte loads for 16-bit x
 # A split owns at least this many tiles, so the combine step stays negligible.
 _MIN_TILES_PER_SPLIT = 4
 
 _FUSED, _PARTIAL, _COMBINE = 0, 1, 2
+
+# A split's chunk is a whole number of tiles (S_CHUNK is a multiple of BLOCK_S), so only
+# the tile holding s = S is partial: masks test s < S, not s < chunk end, which keeps
+# them aligned and the loads vectorised.
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -60,7 +65,7 @@ def _channel_vector(Ptr, idx, mask, default, HAS: tl.constexpr, ACC: tl.constexp
 
 
 @triton.jit
-def _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, s_lo, s_hi,
+def _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, s_lo, s_hi, S,
                  ACC: tl.constexpr, BLOCK_S: tl.constexpr):
     """(count, mean, M2) of x + add over channels of the group and s in [s_lo, s_hi)."""
     offs_s = tl.arange(0, BLOCK_S)
@@ -69,10 +74,10 @@ def _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, s_lo, s_hi,
     m2 = tl.zeros([], ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         s_idx = s0 + offs_s
-        mask = c_valid[:, None] & (s_idx < s_hi)[None, :]
+        mask = c_valid[:, None] & (s_idx < S)[None, :]
         x = tl.load(x_base + offs_c[:, None] * sxc + s_idx[None, :] * sxs, mask=mask, other=0.0).to(ACC)
         x = tl.where(mask, x + add[:, None], 0.0)
-        n_t = (CG * tl.minimum(s_hi - s0, BLOCK_S)).to(ACC)
+        n_t = (CG * tl.minimum(S - s0, BLOCK_S)).to(ACC)
         mean_t = tl.sum(tl.sum(x, 1), 0) / n_t
         d = tl.where(mask, x - mean_t, 0.0)
         m2_t = tl.sum(tl.sum(d * d, 1), 0)
@@ -87,7 +92,7 @@ def _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, s_lo, s_hi,
 @triton.jit
 def _gn_fwd_kernel(
     X, Y, W, Bias, Add, Scale, Shift, Mean, Rstd, Partial,
-    sxb, sxc, sxs, C, S, CG, G, S_CHUNK, eps,
+    sxb, sxc, sxs, C, S, CG: tl.constexpr, G, S_CHUNK, eps,
     HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     PHASE: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -107,14 +112,14 @@ def _gn_fwd_kernel(
     add = _channel_vector(Add, bc_idx, c_valid, 0.0, HAS_ADD, ACC, BLOCK_C)
 
     if PHASE == 1:  # _PARTIAL
-        count, mean_c, m2_c = _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, s_lo, s_hi, ACC, BLOCK_S)
+        count, mean_c, m2_c = _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, s_lo, s_hi, S, ACC, BLOCK_S)
         p = Partial + (bg * SPLITS + split) * 3
         tl.store(p, count)
         tl.store(p + 1, mean_c)
         tl.store(p + 2, m2_c)
     else:
         if PHASE == 0:  # _FUSED: this program owns the whole group
-            count, mean, m2 = _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, 0, S, ACC, BLOCK_S)
+            count, mean, m2 = _chunk_stats(x_base, sxc, sxs, offs_c, c_valid, add, CG, 0, S, S, ACC, BLOCK_S)
         else:  # _COMBINE the per-chunk statistics of this group (Chan et al.)
             offs_p = tl.arange(0, SPLITS_P2)
             p = Partial + (bg * SPLITS + offs_p) * 3
@@ -146,7 +151,7 @@ def _gn_fwd_kernel(
         y_base = Y + base
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s_idx = s0 + offs_s
-            mask = c_valid[:, None] & (s_idx < s_hi)[None, :]
+            mask = c_valid[:, None] & (s_idx < S)[None, :]
             offs = offs_c[:, None] * sxc + s_idx[None, :] * sxs
             x = tl.load(x_base + offs, mask=mask, other=0.0).to(ACC)
             y = (x - center) * a + d
@@ -156,7 +161,7 @@ def _gn_fwd_kernel(
 
 
 @triton.jit
-def _chunk_grad_sums(x_base, gy_base, sxc, sxs, offs_c, c_valid, center, rstd, a, d, s_lo, s_hi,
+def _chunk_grad_sums(x_base, gy_base, sxc, sxs, offs_c, c_valid, center, rstd, a, d, s_lo, s_hi, S,
                      SILU: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     """Per-channel S1 = sum g, S2 = sum g*xhat, S3 = sum xhat over s in [s_lo, s_hi)."""
     offs_s = tl.arange(0, BLOCK_S)
@@ -165,7 +170,7 @@ def _chunk_grad_sums(x_base, gy_base, sxc, sxs, offs_c, c_valid, center, rstd, a
     s3 = tl.zeros([BLOCK_C], ACC)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         s_idx = s0 + offs_s
-        mask = c_valid[:, None] & (s_idx < s_hi)[None, :]
+        mask = c_valid[:, None] & (s_idx < S)[None, :]
         offs = offs_c[:, None] * sxc + s_idx[None, :] * sxs
         x = tl.load(x_base + offs, mask=mask, other=0.0).to(ACC)
         gy = tl.load(gy_base + offs, mask=mask, other=0.0).to(ACC)
@@ -191,7 +196,7 @@ def _pre_activation_grad(gy, y_pre, SILU: tl.constexpr):
 def _gn_bwd_kernel(
     GY, X, DX, W, Bias, Add, Scale, Shift, Mean, Rstd, Partial,
     DAdd, DScale, DShift, DWeightB, DBiasB,
-    sxb, sxc, sxs, C, S, CG, G, S_CHUNK,
+    sxb, sxc, sxs, C, S, CG: tl.constexpr, G, S_CHUNK,
     HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     PHASE: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -225,7 +230,7 @@ def _gn_bwd_kernel(
 
     if PHASE == 1:  # _PARTIAL
         s1, s2, s3 = _chunk_grad_sums(x_base, gy_base, sxc, sxs, offs_c, c_valid, center, rstd, a, d,
-                                      s_lo, s_hi, SILU, ACC, BLOCK_C, BLOCK_S)
+                                      s_lo, s_hi, S, SILU, ACC, BLOCK_C, BLOCK_S)
         p = Partial + ((bg * SPLITS + split) * 3) * BLOCK_C + offs_c
         tl.store(p, s1)
         tl.store(p + BLOCK_C, s2)
@@ -233,7 +238,7 @@ def _gn_bwd_kernel(
     else:
         if PHASE == 0:  # _FUSED
             s1, s2, s3 = _chunk_grad_sums(x_base, gy_base, sxc, sxs, offs_c, c_valid, center, rstd, a, d,
-                                          0, S, SILU, ACC, BLOCK_C, BLOCK_S)
+                                          0, S, S, SILU, ACC, BLOCK_C, BLOCK_S)
             s_lo = 0
             s_hi = S
         else:  # _COMBINE
@@ -269,7 +274,7 @@ def _gn_bwd_kernel(
         dx_base = DX + base
         for s0 in range(s_lo, s_hi, BLOCK_S):
             s_idx = s0 + offs_s
-            mask = c_valid[:, None] & (s_idx < s_hi)[None, :]
+            mask = c_valid[:, None] & (s_idx < S)[None, :]
             offs = offs_c[:, None] * sxc + s_idx[None, :] * sxs
             x = tl.load(x_base + offs, mask=mask, other=0.0).to(ACC)
             gy = tl.load(gy_base + offs, mask=mask, other=0.0).to(ACC)

@@ -1,0 +1,79 @@
+"""Captioner training end to end on a tiny scene-world shard set: alt-text pre-training, then a DSC
+fine-tune from its export, both through ``python -m dalle3_fast.train``'s CLI with the shipped configs."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(config: str, out: Path, steps: int, *overrides: str) -> dict:
+    from dalle3_fast.train.__main__ import main
+
+    argv = [str(REPO / "configs" / config), "--out", str(out), "--steps", str(steps), "--no-progress",
+            "--set", "batch_size=8", "--set", "log_every=5", "--set", "ckpt_every=0",
+            "--set", "optimizer.warmup_steps=3"]
+    for item in overrides:
+        argv += ["--set", item]
+    assert main(argv) == 0
+    return {"final": out / "final", "losses": [json.loads(line)["loss"] for line in
+                                               (out / "metrics.jsonl").read_text().splitlines()]}
+
+
+def _write_shards(directory: Path, shards: int, per_shard: int) -> str:
+    from dalle3_fast.data.world.writer import write_shard
+
+    for s in range(shards):
+        write_shard(str(directory), s, s * per_shard, (s + 1) * per_shard, 0, 64, 64, "png")
+    return str(directory / f"{{000000..{shards - 1:06d}}}.tar")
+
+
+def test_pretrain_then_dsc_finetune_through_the_cli(tmp_path, one_thread):
+    from dalle3_fast.models.captioner import CoCa
+
+    data = _write_shards(tmp_path / "data", 2, 16)
+    first_shard = str(tmp_path / "data" / "000000.tar")
+
+    pre = _train("captioner_world_pretrain.json", tmp_path / "pretrain", 20, f"task_options.data={json.dumps(data)}",
+                 "task_options.tokenizer_scenes=100", "sample_every=20", "task_options.sample_tokens=6")
+    assert pre["losses"][-1] < 0.8 * pre["losses"][0], pre["losses"]
+    samples = (tmp_path / "pretrain" / "samples" / "captions.jsonl").read_text().splitlines()
+    assert len(samples) == 4 and all(json.loads(s)["reference"] for s in samples)  # references are alt-texts
+
+    dsc = _train("captioner_world_dsc.json", tmp_path / "dsc", 10, f"task_options.data={json.dumps(first_shard)}",
+                 f"task_options.init_from={json.dumps(str(pre['final']))}", "sample_every=0")
+    assert dsc["losses"][-1] < dsc["losses"][0], dsc["losses"]
+
+    pretrained, finetuned = CoCa.from_pretrained(pre["final"]), CoCa.from_pretrained(dsc["final"])
+    assert finetuned.config == pretrained.config and finetuned.tokenizer is not None
+    assert any(not torch.equal(a, b) for a, b in zip(pretrained.state_dict().values(), finetuned.state_dict().values()))
+    image = torch.rand(1, 3, 64, 64) * 2 - 1
+    assert isinstance(finetuned.generate(image, max_new_tokens=5)[0], str)
+
+    # the orchestration script's export stage reads the same run layout (ssc stands in for itself here)
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import train_captioners
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "ssc").symlink_to(tmp_path / "dsc", target_is_directory=True)
+    assert train_captioners.main(["--work", str(tmp_path), "--stages", "export", "--asset", str(tmp_path / "asset")]) == 0
+    for name in ("pretrained", "ssc", "dsc"):
+        assert CoCa.from_pretrained(tmp_path / "export" / name).tokenizer is not None
+    half = CoCa.from_pretrained(tmp_path / "asset")
+    assert half.dtype == torch.float32
+    for (name, a), b in zip(finetuned.state_dict().items(), half.state_dict().values()):
+        torch.testing.assert_close(b, a.half().float(), msg=name)

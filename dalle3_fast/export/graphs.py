@@ -83,13 +83,15 @@ class PartSpec:
     module: nn.Module
     input_names: list[str]
     output_names: list[str]
-    make_inputs: Callable[[int, int, int, torch.Generator], dict[str, torch.Tensor]]  # (batch, W, H, gen)
+    make_inputs: Callable[..., dict[str, torch.Tensor]]  # (batch, W, H, gen, tokens)
     dynamic_axes: dict[str, dict[int, str]]      # input -> {axis: symbolic name}, for TensorRT profiles and docs
     latent_factor: int                           # image pixels per latent
     dtype: torch.dtype
 
-    def inputs(self, batch: int, width: int, height: int, seed: int = 0) -> dict[str, torch.Tensor]:
-        return self.make_inputs(batch, width, height, torch.Generator().manual_seed(seed))
+    def inputs(self, batch: int, width: int, height: int, seed: int = 0,
+               tokens: int = EXAMPLE_TOKENS) -> dict[str, torch.Tensor]:
+        """Random inputs for ``batch`` images of ``width`` x ``height`` (``tokens`` text tokens for the U-Net)."""
+        return self.make_inputs(batch, width, height, torch.Generator().manual_seed(seed), tokens)
 
     def dynamic_shapes(self, max_batch: int, min_size: tuple[int, int], max_size: tuple[int, int]) -> dict:
         """torch.export dynamic_shapes: batch in [1, max_batch]; latent h, w between the sizes' latents."""
@@ -113,7 +115,7 @@ def decoder_spec(pipe, dtype: torch.dtype) -> PartSpec:
     decoder = pipe.decoder
     f, C = decoder.config.latent_upsample_factor, decoder.config.latent_channels
 
-    def make(batch, width, height, gen):
+    def make(batch, width, height, gen, tokens):
         return {"latents": _randn(gen, (batch, C, height // f, width // f), dtype),
                 "noise_0": _randn(gen, (batch, 3, height, width), dtype),
                 "noise_1": _randn(gen, (batch, 3, height, width), dtype)}
@@ -134,8 +136,7 @@ def unet_spec(pipe, dtype: torch.dtype) -> PartSpec:
         names.append("time_ids")
         axes["time_ids"] = {0: "batch"}
 
-    def make(batch, width, height, gen):
-        L = EXAMPLE_TOKENS
+    def make(batch, width, height, gen, L):
         inputs = {"sample": _randn(gen, (batch, C, height // f, width // f), dtype),
                   "timestep": torch.rand(batch, generator=gen) * 999,
                   "encoder_hidden_states": _randn(gen, (batch, L, D), dtype),
@@ -150,7 +151,7 @@ def unet_spec(pipe, dtype: torch.dtype) -> PartSpec:
 def vae_decoder_spec(pipe, dtype: torch.dtype) -> PartSpec:
     f, C = pipe.downsample_factor, pipe.vae.config.latent_channels
 
-    def make(batch, width, height, gen):
+    def make(batch, width, height, gen, tokens):
         return {"latents": _randn(gen, (batch, C, height // f, width // f), dtype)}
 
     return PartSpec("vae-decoder", VAEDecoderGraph(pipe.vae).eval(), ["latents"], ["images"], make,

@@ -46,12 +46,9 @@ def profile_shapes(spec: PartSpec, *, min_size, opt_size, max_size, max_batch: i
     batches, sizes = (1, opt_batch, max_batch), (min_size, opt_size, max_size)
     shapes = {name: [] for name in spec.input_names}
     for batch, (w, h), L in zip(batches, sizes, tokens):
-        inputs = spec.inputs(batch, w, h)
+        inputs = spec.inputs(batch, w, h, tokens=L)
         for name in spec.input_names:
-            shape = list(inputs[name].shape)
-            if name == "encoder_hidden_states":
-                shape[1] = L
-            shapes[name].append(tuple(shape))
+            shapes[name].append(tuple(inputs[name].shape))
     return {name: tuple(s) for name, s in shapes.items()}
 
 

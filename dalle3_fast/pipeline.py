@@ -195,11 +195,13 @@ class Dalle3Pipeline:
     def generate_latents(self, prompts: Sequence[str], *, negative_prompts: Sequence[str] | None = None,
                          width: int, height: int, steps: int, guidance: float, seeds: Sequence[int],
                          sampler: str | None = None, init_latents: torch.Tensor | None = None,
-                         mask: torch.Tensor | None = None, callback=None, truncate: bool = True) -> torch.Tensor:
+                         mask: torch.Tensor | None = None, callback=None, truncate: bool = True,
+                         timings: dict | None = None) -> torch.Tensor:
         """Scaled latents (B, C, H/f, W/f) for ``prompts``; one seed per prompt, so a batch equals single calls.
 
         Inpainting: ``init_latents`` (B, C, h, w) scaled latents of the known image and ``mask`` (B, 1, h, w),
         1 where the image is to be repainted; the known region is replaced by the original at every step.
+        ``timings``, when given, receives ``text_encoder_s`` (prompt and negative-prompt encoding).
         """
         prompts = list(prompts)
         if len(seeds) != len(prompts):
@@ -211,6 +213,7 @@ class Dalle3Pipeline:
         sigmas = sampling_sigmas(self.schedule, self.check_steps(steps))
         x = torch.cat([initial_noise((1, *shape), float(sigmas[0]), generator=torch.Generator().manual_seed(int(s)),
                                      device=self.device, dtype=self.dtype) for s in seeds])
+        t0 = time.perf_counter()
         tokens, lengths = self.encode_prompts(prompts, truncate=truncate)
         if guidance == 1:
             net = self._net(tokens, lengths, width, height)
@@ -218,6 +221,8 @@ class Dalle3Pipeline:
             u_tokens, u_lengths = self.encode_prompts(negative, truncate=truncate)
             both = concat_conditions({"tokens": u_tokens, "lengths": u_lengths}, {"tokens": tokens, "lengths": lengths})
             net = self._net(both["tokens"], both["lengths"], width, height)
+        if timings is not None:
+            timings["text_encoder_s"] = time.perf_counter() - t0
         model_fn = cfg_model_fn(Denoiser(net, self.schedule, self.prediction_type), {}, {}, guidance)
         if init_latents is not None:
             if mask is None:
@@ -286,8 +291,8 @@ class Dalle3Pipeline:
         t0 = time.perf_counter()
         latents = self.generate_latents(revised, negative_prompts=negatives, width=width, height=height, steps=steps,
                                         guidance=guidance, seeds=seeds, sampler=sampler, callback=callback,
-                                        truncate=truncate)
-        timings["denoise_s"] = time.perf_counter() - t0
+                                        truncate=truncate, timings=timings)
+        timings["denoise_s"] = time.perf_counter() - t0 - timings["text_encoder_s"]
         t0 = time.perf_counter()
         images = self.decode(latents, decoder=decoder, seeds=seeds)
         timings["decode_s"] = time.perf_counter() - t0

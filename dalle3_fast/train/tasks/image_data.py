@@ -85,10 +85,15 @@ def _shard_records(options: ImageDataOptions, rank: int, world_size: int):
 
 
 def _record(sample) -> dict:
+    """The sample's json, plus its caption members: ``.txt`` (alt) and the ``.ssc``/``.dsc`` a recaption job adds."""
     record = dict(sample.json() or {})
     text = sample.text("txt")
     if text is not None:
         record.setdefault("alt", text)
+    for field in ("ssc", "dsc"):
+        synthetic = sample.text(field)
+        if synthetic is not None:
+            record[field] = synthetic
     record.setdefault("key", sample.key)
     return record
 

@@ -170,7 +170,8 @@ def test_group_norm_absent_modulation_gives_zero_grads_and_3d_input():
     w, b = _randn(64), _randn(64)
     y, mean, rstd = kernels.group_norm_silu_fwd(x, w, b, None, None, None, 8, 1e-5, True)
     grad_y = torch.randn_like(y)
-    dx, dw, db, dadd, dscale, dshift = kernels.group_norm_silu_bwd(grad_y, x, w, b, None, None, None, mean, rstd, 8, True)
+    dx, dw, db, dadd, dscale, dshift = kernels.group_norm_silu_bwd(
+        grad_y, x, w, b, None, None, None, mean, rstd, 8, True)
     for g in (dadd, dscale, dshift):
         assert g.shape == (2, 64) and torch.equal(g, torch.zeros_like(g))
     leaves = [t.double().requires_grad_() for t in (x, w, b)]

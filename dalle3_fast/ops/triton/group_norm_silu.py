@@ -94,7 +94,7 @@ def _gn_fwd_kernel(
     X, Y, W, Bias, Add, Scale, Shift, Mean, Rstd, Partial,
     sxb, sxc, sxs, C, S, CG: tl.constexpr, G, S_CHUNK, eps,
     HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-    PHASE: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    SPLITS, PHASE: tl.constexpr, SPLITS_P2: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     bg = tl.program_id(0)
@@ -198,7 +198,7 @@ def _gn_bwd_kernel(
     DAdd, DScale, DShift, DWeightB, DBiasB,
     sxb, sxc, sxs, C, S, CG: tl.constexpr, G, S_CHUNK,
     HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
-    PHASE: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+    SPLITS, PHASE: tl.constexpr, SPLITS_P2: tl.constexpr,
     ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     bg = tl.program_id(0)

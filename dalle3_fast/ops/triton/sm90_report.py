@@ -121,8 +121,8 @@ def _group_norm_cases(dtype: str, channels_per_group: int, spatial: int, phases=
     for kernel, tile, what in ((gn._gn_fwd_kernel, gn._TILE_FWD, "fwd"), (gn._gn_bwd_kernel, gn._TILE_BWD, "bwd")):
         block_c, block_s = gn._blocks(channels_per_group, spatial, tile)
         for phase in phases:
-            constexprs = dict(CG=channels_per_group, HAS_ADD=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True, PHASE=phase, SPLITS=16,
-                              SPLITS_P2=16, ACC=tl.float32, BLOCK_C=block_c, BLOCK_S=block_s)
+            constexprs = dict(CG=channels_per_group, HAS_ADD=True, HAS_SCALE=True, HAS_SHIFT=True, SILU=True,
+                              PHASE=phase, SPLITS_P2=16, ACC=tl.float32, BLOCK_C=block_c, BLOCK_S=block_s)
             cases.append(Case(f"group_norm_silu {what} {dtype} Cg={channels_per_group} S={spatial} phase={phase} "
                               f"tile={block_c}x{block_s}", kernel, {**data, **stats}, constexprs, gn._NUM_WARPS, 1,
                               floats=("eps",), ones=("sxs",), divisible=("sxb", "sxc", "C", "S", "S_CHUNK")))

@@ -22,35 +22,49 @@
 namespace d3f::attn {
 namespace {
 
-#define D3F_ATTN_ENTRY_POINTS(T)                                                                              \
-  D3F_CLONES void k_online_softmax_tile(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, T* m, T* l,   \
-                                        T* alpha) {                                                           \
-    online_softmax_tile<T>(s, lds, rows, cols, scale, m, l, alpha);                                           \
-  }                                                                                                           \
-  D3F_CLONES void k_scale_rows(T* o, int64_t ldo, int64_t rows, int64_t cols, const T* factor) {              \
-    scale_rows<T>(o, ldo, rows, cols, factor);                                                                \
-  }                                                                                                           \
-  D3F_CLONES void k_recompute_probs(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, const T* lse) {   \
-    recompute_probs<T>(s, lds, rows, cols, scale, lse);                                                       \
-  }                                                                                                           \
-  D3F_CLONES void k_score_grad(const T* p, int64_t ldp, T* dp, int64_t lddp, int64_t rows, int64_t cols,      \
-                               const T* delta, T scale) {                                                     \
-    score_grad<T>(p, ldp, dp, lddp, rows, cols, delta, scale);                                                \
-  }                                                                                                           \
-  D3F_CLONES void k_row_dots(const T* a, const T* b, int64_t ld, int64_t rows, int64_t cols, T* delta) {      \
-    row_dots<T>(a, b, ld, rows, cols, delta);                                                                 \
+#define D3F_ATTN_ENTRY_POINTS(T)                                                                               \
+  D3F_CLONES void k_online_softmax_tile(T* st, int64_t ld, int64_t keys, int64_t queries, T* m, T* l,         \
+                                        T* alpha) {                                                            \
+    online_softmax_tile<T>(st, ld, keys, queries, m, l, alpha);                                                \
+  }                                                                                                            \
+  D3F_CLONES void k_scale_rows(T* o, int64_t ldo, int64_t rows, int64_t cols, const T* factor) {               \
+    scale_rows<T>(o, ldo, rows, cols, factor);                                                                 \
+  }                                                                                                            \
+  D3F_CLONES void k_recompute_probs(T* st, int64_t ld, int64_t keys, int64_t queries, const T* lse) {          \
+    recompute_probs<T>(st, ld, keys, queries, lse);                                                            \
+  }                                                                                                            \
+  D3F_CLONES void k_score_grad(const T* pt, T* dpt, int64_t ld, int64_t keys, int64_t queries, const T* delta, \
+                               T scale) {                                                                      \
+    score_grad<T>(pt, dpt, ld, keys, queries, delta, scale);                                                   \
+  }                                                                                                            \
+  D3F_CLONES void k_row_dots(const T* a, const T* b, int64_t ld, int64_t rows, int64_t cols, T* delta) {       \
+    row_dots<T>(a, b, ld, rows, cols, delta);                                                                  \
   }
 
 D3F_ATTN_ENTRY_POINTS(float)
 D3F_ATTN_ENTRY_POINTS(double)
 #undef D3F_ATTN_ENTRY_POINTS
 
-constexpr int64_t kQueryBlock = 256;  // queries per forward task / backward step
-constexpr int64_t kKeyTile = 512;     // keys per score tile
+constexpr int64_t kKeyTile = 512;  // keys per score tile
+
+// Queries per block: large enough that each BLAS call amortises its dispatch, small
+// enough that a score tile (`budget` elements) stays in L2, and with enough blocks
+// (`tasks_per_block` tasks each) to keep every thread busy.
+int64_t query_block(int64_t N, int64_t L, int64_t tasks_per_block, int64_t budget) {
+  int64_t rows = std::min<int64_t>(1024, budget / std::min(kKeyTile, L));
+  const int64_t want_tasks = 4 * at::get_num_threads();
+  while (rows > 64 && tasks_per_block * ((N + rows - 1) / rows) < want_tasks) rows /= 2;
+  return std::max<int64_t>(1, std::min(rows, N));
+}
 
 struct Dims {
   int64_t B, N, L, H, D;
 };
+
+// out = scale * a @ b, the scale folded into the BLAS call.
+void scaled_mm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale) {
+  at::addmm_out(out, out, a, b, /*beta=*/0, /*alpha=*/scale);
+}
 
 // (rows, D) view of head h of sample b of a (B, rows, H, D) tensor, rows [r0, r0 + n).
 at::Tensor head_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int64_t n) {
@@ -60,25 +74,33 @@ at::Tensor head_rows(const at::Tensor& t, int64_t b, int64_t h, int64_t r0, int6
 std::vector<int64_t> valid_key_counts(const std::optional<at::Tensor>& key_lengths, const Dims& d) {
   std::vector<int64_t> len(size_t(d.B), d.L);
   if (key_lengths) {
-    const int32_t* kl = key_lengths->data_ptr<int32_t>();
-    for (int64_t b = 0; b < d.B; ++b) len[b] = kl[b];
+    const at::Tensor kl = key_lengths->contiguous();
+    const int32_t* p = kl.data_ptr<int32_t>();
+    for (int64_t b = 0; b < d.B; ++b) len[b] = p[b];
   }
   return len;
 }
 
+// Score tiles are computed transposed, S^T = K_tile Q_block^T (keys x queries), so the
+// softmax reduces down columns (see attention_loops.h); BLAS takes the transposes.
 template <typename T>
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<int64_t>& len,
              const Dims& d, T scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t q_blocks = (d.N + kQueryBlock - 1) / kQueryBlock;
+  const int64_t block = query_block(d.N, d.L, d.B * d.H, 256 * 1024);
+  const int64_t q_blocks = (d.N + block - 1) / block;
   const int64_t ld = d.H * d.D;
   T* lse_ptr = lse.data_ptr<T>();  // (B, H, N)
+  // Values per head, contiguous: the P V product runs ~15% faster than on strided rows.
+  const at::Tensor v_heads = v.transpose(1, 2).contiguous();  // (B, H, L, D)
   at::parallel_for(0, d.B * d.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // tile products are internal, never differentiated
-    at::Tensor scores = at::empty({kQueryBlock, std::min(kKeyTile, d.L)}, q.options());
-    std::vector<T> m(kQueryBlock), l(kQueryBlock), alpha(kQueryBlock);
+    at::Tensor scores_t = at::empty({std::min(kKeyTile, d.L), block}, q.options());
+    std::vector<T> m(block), l(block), alpha(block);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / q_blocks, b = bh / d.H, h = bh % d.H;
-      const int64_t n0 = (task % q_blocks) * kQueryBlock, rows = std::min(kQueryBlock, d.N - n0);
+      // Sample index fastest: samples differ in key count, and parallel_for hands each
+      // thread one contiguous range of tasks.
+      const int64_t b = task % d.B, h = (task / d.B) % d.H, bh = b * d.H + h;
+      const int64_t n0 = (task / (d.B * d.H)) * block, rows = std::min(block, d.N - n0);
       at::Tensor o = head_rows(out, b, h, n0, rows);
       T* o_ptr = o.data_ptr<T>();
       T* lse_rows = lse_ptr + bh * d.N + n0;
@@ -91,16 +113,16 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       std::fill(m.begin(), m.end(), -std::numeric_limits<T>::infinity());
       std::fill(l.begin(), l.end(), T(0));
       for (int64_t k0 = 0; k0 < len[b]; k0 += kKeyTile) {
-        const int64_t cols = std::min(kKeyTile, len[b] - k0);
-        at::Tensor s = scores.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(s, qb, head_rows(k, b, h, k0, cols).t());
-        k_online_softmax_tile(s.data_ptr<T>(), s.stride(0), rows, cols, scale, m.data(), l.data(), alpha.data());
-        const at::Tensor vt = head_rows(v, b, h, k0, cols);
+        const int64_t keys = std::min(kKeyTile, len[b] - k0);
+        at::Tensor st = scores_t.narrow(0, 0, keys).narrow(1, 0, rows);
+        scaled_mm(st, head_rows(k, b, h, k0, keys), qb.t(), scale);
+        k_online_softmax_tile(st.data_ptr<T>(), st.stride(0), keys, rows, m.data(), l.data(), alpha.data());
+        const at::Tensor vt = v_heads.select(0, b).select(0, h).narrow(0, k0, keys);
         if (k0 == 0) {
-          at::mm_out(o, s, vt);
+          at::mm_out(o, st.t(), vt);
         } else {
           k_scale_rows(o_ptr, ld, rows, d.D, alpha.data());
-          o.addmm_(s, vt);
+          o.addmm_(st.t(), vt);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -112,25 +134,27 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   });
 }
 
+// One task per (b, h): it owns dK and dV of that head and walks the query blocks.
 template <typename T>
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& out, const at::Tensor& lse, const std::vector<int64_t>& len, const Dims& d, T scale,
               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t ld = d.H * d.D;
+  const int64_t block = query_block(d.N, d.L, std::numeric_limits<int32_t>::max(), 128 * 1024);
   const T* lse_ptr = lse.data_ptr<T>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t tile = std::min(kKeyTile, d.L);
-    at::Tensor probs = at::empty({kQueryBlock, tile}, q.options());
-    at::Tensor dprobs = at::empty({kQueryBlock, tile}, q.options());
-    std::vector<T> delta(kQueryBlock);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / d.H, h = bh % d.H;
+    at::Tensor probs_t = at::empty({tile, block}, q.options());
+    at::Tensor dprobs_t = at::empty({tile, block}, q.options());
+    std::vector<T> delta(block);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task % d.B, h = task / d.B, bh = b * d.H + h;  // sample fastest, as in forward
       at::Tensor dk_bh = head_rows(dk, b, h, 0, d.L), dv_bh = head_rows(dv, b, h, 0, d.L);
       dk_bh.zero_();
       dv_bh.zero_();
-      for (int64_t n0 = 0; n0 < d.N; n0 += kQueryBlock) {
-        const int64_t rows = std::min(kQueryBlock, d.N - n0);
+      for (int64_t n0 = 0; n0 < d.N; n0 += block) {
+        const int64_t rows = std::min(block, d.N - n0);
         at::Tensor dq_b = head_rows(dq, b, h, n0, rows);
         if (len[b] == 0) {
           dq_b.zero_();
@@ -140,22 +164,21 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         k_row_dots(dob.data_ptr<T>(), head_rows(out, b, h, n0, rows).data_ptr<T>(), ld, rows, d.D, delta.data());
         const T* lse_rows = lse_ptr + bh * d.N + n0;
         for (int64_t k0 = 0; k0 < len[b]; k0 += kKeyTile) {
-          const int64_t cols = std::min(kKeyTile, len[b] - k0);
-          const at::Tensor kt = head_rows(k, b, h, k0, cols), vt = head_rows(v, b, h, k0, cols);
-          at::Tensor p = probs.narrow(0, 0, rows).narrow(1, 0, cols);
-          at::Tensor dp = dprobs.narrow(0, 0, rows).narrow(1, 0, cols);
-          at::mm_out(p, qb, kt.t());
-          k_recompute_probs(p.data_ptr<T>(), p.stride(0), rows, cols, scale, lse_rows);
-          dv_bh.narrow(0, k0, cols).addmm_(p.t(), dob);
-          at::mm_out(dp, dob, vt.t());
-          k_score_grad(p.data_ptr<T>(), p.stride(0), dp.data_ptr<T>(), dp.stride(0), rows, cols, delta.data(),
-                       scale);
+          const int64_t keys = std::min(kKeyTile, len[b] - k0);
+          const at::Tensor kt = head_rows(k, b, h, k0, keys), vt = head_rows(v, b, h, k0, keys);
+          at::Tensor pt = probs_t.narrow(0, 0, keys).narrow(1, 0, rows);
+          at::Tensor dpt = dprobs_t.narrow(0, 0, keys).narrow(1, 0, rows);
+          scaled_mm(pt, kt, qb.t(), scale);
+          k_recompute_probs(pt.data_ptr<T>(), pt.stride(0), keys, rows, lse_rows);
+          dv_bh.narrow(0, k0, keys).addmm_(pt, dob);
+          at::mm_out(dpt, vt, dob.t());
+          k_score_grad(pt.data_ptr<T>(), dpt.data_ptr<T>(), pt.stride(0), keys, rows, delta.data(), scale);
           if (k0 == 0) {
-            at::mm_out(dq_b, dp, kt);
+            at::mm_out(dq_b, dpt.t(), kt);
           } else {
-            dq_b.addmm_(dp, kt);
+            dq_b.addmm_(dpt.t(), kt);
           }
-          dk_bh.narrow(0, k0, cols).addmm_(dp.t(), qb);
+          dk_bh.narrow(0, k0, keys).addmm_(dpt, qb);
         }
       }
     }
@@ -192,10 +215,6 @@ Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-std::optional<at::Tensor> contiguous_lengths(const std::optional<at::Tensor>& kl) {
-  return kl ? std::optional<at::Tensor>(kl->contiguous()) : std::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in,
                                                      const std::optional<at::Tensor>& key_lengths, double scale) {
@@ -206,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in);
   at::Tensor out = at::empty_like(q);
   at::Tensor lse = at::empty({d.B, d.H, d.N}, q.options());
-  const auto len = valid_key_counts(contiguous_lengths(key_lengths), d);
+  const auto len = valid_key_counts(key_lengths, d);
   AT_DISPATCH_FLOATING_TYPES(ct, "attention_fwd_cpu",
                              [&] { forward<scalar_t>(q, k, v, len, d, scalar_t(scale), out, lse); });
   return {out.to(q_in.scalar_type()), lse};
@@ -229,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in), dout = dense(grad_out), out = dense(out_in),
                    lse = dense(lse_in);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const auto len = valid_key_counts(contiguous_lengths(key_lengths), d);
+  const auto len = valid_key_counts(key_lengths, d);
   AT_DISPATCH_FLOATING_TYPES(ct, "attention_bwd_cpu", [&] {
     backward<scalar_t>(dout, q, k, v, out, lse, len, d, scalar_t(scale), dq, dk, dv);
   });

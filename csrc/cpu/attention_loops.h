@@ -9,30 +9,37 @@
 
 namespace d3f::attn {
 
-// Online softmax over one key tile of scores s (rows x cols, leading dim lds):
-// s <- exp(s * scale - m_new), m <- m_new = max(m, rowmax(s * scale)),
-// alpha <- exp(m_old - m_new) (the factor that rescales what was accumulated before),
-// l <- l * alpha + rowsum.
+// The score tiles are stored transposed, st[key, query] (leading dim ld), so every
+// per-query reduction runs down the columns: vectorised across queries, with no
+// horizontal reductions.
+
+// Online softmax over one tile of scaled scores: st <- exp(st - m_new), m <- m_new =
+// max(m, colmax(st)), alpha <- exp(m_old - m_new) (the factor for what was accumulated
+// before; 0 on the first tile), l <- l * alpha + colsum.
 template <typename T>
-static D3F_INLINE void online_softmax_tile(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, T* m, T* l,
-                                       T* alpha) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* sr = s + r * lds;
-    T mx = m[r];
-#pragma omp simd reduction(max : mx)
-    for (int64_t j = 0; j < cols; ++j) {
-      sr[j] *= scale;
-      mx = sr[j] > mx ? sr[j] : mx;
+static D3F_INLINE void online_softmax_tile(T* st, int64_t ld, int64_t keys, int64_t queries, T* m, T* l, T* alpha) {
+  T* m_new = alpha;  // scratch until the factors are computed
+  for (int64_t j = 0; j < queries; ++j) m_new[j] = m[j];
+  for (int64_t i = 0; i < keys; ++i) {
+    const T* row = st + i * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < queries; ++j) m_new[j] = row[j] > m_new[j] ? row[j] : m_new[j];
+  }
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+#pragma omp simd
+  for (int64_t j = 0; j < queries; ++j) {
+    const T factor = m[j] == kNegInf ? T(0) : exp_any(m[j] - m_new[j]);
+    l[j] *= factor;
+    m[j] = m_new[j];
+    alpha[j] = factor;
+  }
+  for (int64_t i = 0; i < keys; ++i) {
+    T* row = st + i * ld;
+#pragma omp simd
+    for (int64_t j = 0; j < queries; ++j) {
+      row[j] = exp_any(row[j] - m[j]);
+      l[j] += row[j];
     }
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < cols; ++j) {
-      sr[j] = exp_any(sr[j] - mx);
-      sum += sr[j];
-    }
-    alpha[r] = m[r] == -std::numeric_limits<T>::infinity() ? T(0) : exp_any(m[r] - mx);
-    l[r] = l[r] * alpha[r] + sum;
-    m[r] = mx;
   }
 }
 
@@ -47,27 +54,25 @@ static D3F_INLINE void scale_rows(T* o, int64_t ldo, int64_t rows, int64_t cols,
   }
 }
 
-// Backward: s <- P = exp(s * scale - lse[r]), the forward's normalised probabilities.
+// Backward: st <- P^T = exp(st - lse[query]) from scaled scores, the forward's probabilities.
 template <typename T>
-static D3F_INLINE void recompute_probs(T* s, int64_t lds, int64_t rows, int64_t cols, T scale, const T* lse) {
-  for (int64_t r = 0; r < rows; ++r) {
-    T* sr = s + r * lds;
-    const T shift = lse[r];
+static D3F_INLINE void recompute_probs(T* st, int64_t ld, int64_t keys, int64_t queries, const T* lse) {
+  for (int64_t i = 0; i < keys; ++i) {
+    T* row = st + i * ld;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) sr[j] = exp_any(sr[j] * scale - shift);
+    for (int64_t j = 0; j < queries; ++j) row[j] = exp_any(row[j] - lse[j]);
   }
 }
 
-// Backward: dp <- dS = P * (dP - delta[r]) * scale, the gradient wrt the unscaled scores.
+// Backward: dpt <- dS^T = P^T * (dP^T - delta[query]) * scale, the gradient wrt the unscaled scores.
 template <typename T>
-static D3F_INLINE void score_grad(const T* p, int64_t ldp, T* dp, int64_t lddp, int64_t rows, int64_t cols,
-                              const T* delta, T scale) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* pr = p + r * ldp;
-    T* dpr = dp + r * lddp;
-    const T d = delta[r];
+static D3F_INLINE void score_grad(const T* pt, T* dpt, int64_t ld, int64_t keys, int64_t queries, const T* delta,
+                                  T scale) {
+  for (int64_t i = 0; i < keys; ++i) {
+    const T* prow = pt + i * ld;
+    T* drow = dpt + i * ld;
 #pragma omp simd
-    for (int64_t j = 0; j < cols; ++j) dpr[j] = pr[j] * (dpr[j] - d) * scale;
+    for (int64_t j = 0; j < queries; ++j) drow[j] = prow[j] * (drow[j] - delta[j]) * scale;
   }
 }
 

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "group_norm_silu_loops.h"
+#include "memory.h"
 
 namespace d3f::gn {
 namespace {
@@ -377,6 +378,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cpu(
   const at::ScalarType ct = compute_type(x_in.scalar_type());
   const at::Tensor x = dense(x_in.detach()).to(ct);
   at::Tensor y = at::empty_like(x);
+  if (y.scalar_type() == x_in.scalar_type()) advise_huge_pages(y);  // y is the op's output
   const Params prm(weight, bias, add, scale, shift);
   at::Tensor mean = at::empty({sh.B, sh.G}, x.options().dtype(at::kDouble));
   at::Tensor rstd = at::empty_like(mean);
@@ -419,6 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              dscale.data_ptr<double>(),
                              dshift.data_ptr<double>()};
   at::Tensor dx = at::empty_like(x);
+  if (dx.scalar_type() == x_in.scalar_type()) advise_huge_pages(dx);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "group_norm_silu_bwd_cpu", [&] {
     const auto run = sh.channels_last ? backward_channels_last<scalar_t> : backward_channels_first<scalar_t>;
     run(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), prm, sh, silu,

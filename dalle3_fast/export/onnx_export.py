@@ -2,9 +2,14 @@
 
 The fused ops (``dalle3_fast::group_norm_silu_fwd``, ``dalle3_fast::attention_fwd``) are custom torch ops that
 no ONNX runtime knows. Export runs under ``ops.use_backend("reference")``: every op is then its plain-PyTorch
-reference (decomposition), which the dynamo exporter lowers to standard ONNX (GroupNormalization/
-InstanceNormalization-free Reduce*/Mul/Add, MatMul + Softmax with an additive length mask), so onnxruntime and
-TensorRT run the file with no plugin.
+reference (a decomposition, not a custom_translation_table), which the dynamo exporter lowers to standard
+opset-19 nodes: GroupNorm+SiLU as Reshape/InstanceNormalization/Reshape, Mul/Add (affine, modulation) and
+Sigmoid*Mul; attention as MatMul/Softmax with Where for the key-length mask. onnxruntime and TensorRT run the
+file with no plugin.
+
+The program is captured with ``torch.export.export(strict=False)`` and handed to ``torch.onnx.export``
+(dynamo=True, the default exporter), so a dimension that the model specialises is an error, never a silent
+static graph.
 """
 from __future__ import annotations
 

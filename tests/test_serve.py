@@ -390,3 +390,18 @@ def test_queue_full_is_429_and_timeout_is_504(pipe):
         metrics = httpx.get(f"{srv.url}/metrics").json()
         assert metrics["cancelled"] >= 2 and metrics["images"] == 0
         gate.release.set()
+
+
+def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, pipe):
+    from dalle3_fast.serve.__main__ import main
+
+    assert main(["--pipeline", str(tmp_path / "missing")]) == 2
+    assert "no model_index.json" in capsys.readouterr().err
+    pipe.save_pretrained(tmp_path / "p")
+    monkeypatch.delenv("DALLE3_TEST_KEY", raising=False)
+    assert main(["--pipeline", str(tmp_path / "p"), "--api-key-env", "DALLE3_TEST_KEY"]) == 2
+    assert "DALLE3_TEST_KEY" in capsys.readouterr().err
+    assert main(["--pipeline", str(tmp_path / "p"), "--blocklist", str(tmp_path / "none.txt")]) == 2
+    assert "--blocklist" in capsys.readouterr().err
+    assert main(["--pipeline", str(tmp_path / "p"), "--decoder-engine", str(tmp_path / "d.onnx")]) == 2
+    assert "--decoder-engine" in capsys.readouterr().err

@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps of quality=standard (hd: twice); default: the pipeline's")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse sizes with more pixels than this")
+    p.add_argument("--decoder-engine", default=None,
+                   help="decode with an exported 2-step decoder: a TensorRT .plan (GPU) or an .onnx file "
+                        "(onnxruntime), from python -m dalle3_fast.export --part decoder")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model worker")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
@@ -68,7 +71,29 @@ def build(args):
                          blocklist=Blocklist.from_file(args.blocklist) if args.blocklist else None,
                          steps=args.steps, max_pixels=args.max_pixels, threads=args.threads)
     pipe = Dalle3Pipeline.from_pretrained(directory, device=args.device)
+    if args.decoder_engine:
+        use_decoder_engine(pipe, Path(args.decoder_engine))
     return create_app(pipe, config), config
+
+
+def use_decoder_engine(pipe, path: Path) -> None:
+    """Replace the pipeline's latent decoder by the exported graph at ``path`` and make it the default decoder."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--decoder-engine {path}: no such file")
+    if pipe.decoder is None:
+        raise ValueError("--decoder-engine: this pipeline has no latent decoder to replace")
+    if path.suffix == ".onnx":
+        from dalle3_fast.export import ORTDecoder
+
+        pipe.decoder = ORTDecoder(path, like=pipe.decoder)
+    else:
+        from dalle3_fast.export.tensorrt import TRTDecoder
+
+        try:
+            pipe.decoder = TRTDecoder(path, like=pipe.decoder)
+        except RuntimeError as exc:
+            raise ValueError(f"--decoder-engine {path}: {exc}") from None
+    pipe.defaults["decoder"] = "consistency"
 
 
 def main(argv=None) -> int:

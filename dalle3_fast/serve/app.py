@@ -168,7 +168,7 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
         if size is None:
             native = f"{picture.size[0]}x{picture.size[1]}"
             size = native if native in policy.sizes else None
-        settings = policy.settings(size=size, quality=None, style="natural")
+        settings = policy.settings(size=size, quality=None, style=None)
         target = (settings.width, settings.height)
         rgb = from_pil([picture.convert("RGB").resize(target, Image.BICUBIC)])
         edit = edit.resize(target, Image.NEAREST)

@@ -93,7 +93,10 @@ def run_level(url: str, headers: dict, body: dict, concurrency: int, requests: i
                 r = http.post(f"{url}/v1/images/generations", json=body, headers=headers)
                 dt = time.perf_counter() - t0
                 with lock:
-                    (latencies if r.status_code == 200 else errors).append(dt if r.status_code == 200 else r.status_code)
+                    if r.status_code == 200:
+                        latencies.append(dt)
+                    else:
+                        errors.append(r.status_code)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:

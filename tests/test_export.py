@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import numpy as np
 import onnx
 import pytest
 import torch
@@ -16,6 +15,14 @@ from dalle3_fast.export.onnx_export import onnx_session, relative_error
 from dalle3_fast.export.tensorrt import tensorrt_unavailable_reason
 
 TRT_REASON = tensorrt_unavailable_reason()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +36,6 @@ def pipeline_dir(tmp_path_factory):
     from dalle3_fast.models.vae import AutoencoderKL
     from dalle3_fast.pipeline import Dalle3Pipeline
 
-    torch.set_num_threads(1)
     words = "a the red blue green circle square triangle above below left right of on".split()
     rng = random.Random(0)
     tokenizer = SentencePieceTokenizer.train([" ".join(rng.choice(words) for _ in range(8)) for _ in range(200)],

@@ -74,9 +74,17 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest and immune to a busy machine's oversubscription."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    torch.set_num_threads(1)
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipeline"))
 
 
@@ -209,7 +217,8 @@ def test_edit_errors_name_the_param(server):
 
 @pytest.mark.parametrize("fields, param", [
     ({"n": 0}, "n"), ({"n": 11}, "n"), ({"size": "100x100"}, "size"), ({"size": "big"}, "size"),
-    ({"quality": "ultra"}, "quality"), ({"style": "cartoon"}, "style"), ({"response_format": "jpeg"}, "response_format"),
+    ({"quality": "ultra"}, "quality"), ({"style": "cartoon"}, "style"),
+    ({"response_format": "jpeg"}, "response_format"),
     ({"prompt": "x" * 4001}, "prompt"), ({"prompt": "   "}, "prompt"),
 ])
 def test_invalid_fields_are_400_naming_the_param(client, fields, param):

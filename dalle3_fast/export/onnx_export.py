@@ -36,7 +36,8 @@ def export_onnx(spec: PartSpec, path: str | os.PathLike, *, opt_size: tuple[int,
     """Write ``spec``'s graph to ``path`` (atomically) with dynamic batch, spatial dims (and token count)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    inputs = spec.inputs(example_batch, *opt_size)
+    device = next(spec.module.parameters()).device
+    inputs = {k: v.to(device) for k, v in spec.inputs(example_batch, *opt_size).items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
     os.close(fd)
     try:
@@ -106,7 +107,10 @@ def verify_onnx(spec: PartSpec, path: str | os.PathLike, sizes: list[tuple[int, 
         with torch.no_grad():
             ref = spec.module(**inputs).float().numpy()
         t1 = time.perf_counter()
-        out = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        try:
+            out = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        except Exception as exc:  # onnxruntime's own exception types: a missing kernel for this dtype, say
+            raise RuntimeError(f"onnxruntime could not run {path} at {w}x{h} batch {b}: {exc}") from exc
         t2 = time.perf_counter()
         if out.shape != ref.shape:
             raise AssertionError(f"onnxruntime output shape {out.shape} differs from PyTorch's {ref.shape}")

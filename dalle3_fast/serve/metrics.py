@@ -97,7 +97,8 @@ class Metrics:
                   "# TYPE dalle3_request_latency_seconds summary"]
         for q, label in ((50, "0.5"), (90, "0.9"), (99, "0.99")):
             value = s["latency_s"][f"p{q}"]
-            lines.append(f'dalle3_request_latency_seconds{{quantile="{label}"}} {value if value is not None else "NaN"}')
+            shown = value if value is not None else "NaN"
+            lines.append(f'dalle3_request_latency_seconds{{quantile="{label}"}} {shown}')
         lines.append(f"dalle3_request_latency_seconds_count {s['latency_s']['count']}")
         lines.append("# TYPE dalle3_errors_total counter")
         for status, count in s["errors"].items():

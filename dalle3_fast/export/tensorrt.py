@@ -58,7 +58,8 @@ def build_engine(onnx_path: str | os.PathLike, plan_path: str | os.PathLike,
     trt = _trt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # TensorRT >= 9
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -97,8 +98,9 @@ class TRTEngine:
 
     def _torch_dtype(self, name: str) -> torch.dtype:
         trt = self._trt
-        table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                 trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool}
+        pairs = (("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16),
+                 ("int32", torch.int32), ("int64", torch.int64), ("bool", torch.bool))
+        table = {getattr(trt, name): dtype for name, dtype in pairs if hasattr(trt, name)}
         return table[self.engine.get_tensor_dtype(name)]
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:

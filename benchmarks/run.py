@@ -49,29 +49,53 @@ class Bench:
     device: torch.device
     warmup: int
     iters: int
+    clock: str = "wall"  # or "thread-cpu": CPU time of the calling thread (single-threaded CPU runs)
     copy_gbps: float = 0.0
     matmul_tflops: float = 0.0
     rows: list[Row] = field(default_factory=list)
 
-    def time_ms(self, fn: Callable[[], object]) -> float:
-        """Median wall time of fn after warm-up (CUDA events on GPU)."""
-        for _ in range(self.warmup):
-            fn()
-        times = []
+    def time_once_ms(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
-            for _ in range(self.iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        clock = time.thread_time if self.clock == "thread-cpu" else time.perf_counter
+        t0 = clock()
+        fn()
+        return (clock() - t0) * 1e3
+
+    def time_many_ms(self, fns: dict[str, Callable[[], object]]) -> dict[str, float | str]:
+        """Median ms of each fn after warm-up, timed round-robin (one call of each in turn) so
+        that load from other processes falls on all of them alike. A fn that raises gets
+        its error message instead."""
+        results: dict[str, float | str] = {}
+        live = {}
+        for name, fn in fns.items():
+            try:
+                for _ in range(self.warmup):
+                    fn()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                live[name] = fn
+            except Exception as exc:  # a peer that refuses these inputs is reported, not fatal
+                results[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+        times = {name: [] for name in live}
+        for _ in range(self.iters):
+            for name, fn in live.items():
+                times[name].append(self.time_once_ms(fn))
+        for name in fns:
+            if name in times:
+                results[name] = statistics.median(times[name])
+        return results
+
+    def time_ms(self, fn: Callable[[], object]) -> float:
+        result = self.time_many_ms({"fn": fn})["fn"]
+        if isinstance(result, str):
+            raise RuntimeError(result)
+        return result
 
     def measure_limits(self):
         if self.device.type == "cuda":
@@ -90,12 +114,7 @@ class Bench:
     def compare(self, op: str, shape: str, dtype: torch.dtype, impls: dict[str, Callable[[], object]],
                 *, bytes_moved: float | None = None, flops: float | None = None):
         """Time every impl; the first one named "eager" is the speedup baseline."""
-        results = {}
-        for name, fn in impls.items():
-            try:
-                results[name] = (self.time_ms(fn), "")
-            except Exception as exc:  # a peer that refuses these inputs is reported, not fatal
-                results[name] = (None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        results = {name: (None, r) if isinstance(r, str) else (r, "") for name, r in self.time_many_ms(impls).items()}
         eager_ms = results.get("eager", (None, ""))[0]
         for name, (ms, note) in results.items():
             fraction = None
@@ -289,6 +308,11 @@ def parse_args(argv=None):
                    help="device to run on (default: cuda when available, else cpu)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls before timing each implementation")
     p.add_argument("--iters", type=int, default=10, help="timed calls per implementation (the median is reported)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch and our kernels (default: PyTorch's default, all cores)")
+    p.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall",
+                   help="wall: elapsed time (default). thread-cpu: CPU time of the calling thread, which other "
+                        "processes' load barely disturbs; CPU device with --threads 1 only")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile peers (their compilation takes minutes on a small CPU)")
     return p.parse_args(argv)
@@ -306,9 +330,17 @@ def main(argv=None) -> int:
     if args.warmup < 0 or args.iters < 1:
         print("run.py: --warmup must be >= 0 and --iters >= 1", file=sys.stderr)
         return 2
-    bench = Bench(device, args.warmup, args.iters)
+    if args.threads is not None:
+        if args.threads < 1:
+            print("run.py: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
+    if args.clock == "thread-cpu" and (device.type != "cpu" or torch.get_num_threads() != 1):
+        print("run.py: --clock thread-cpu measures one thread; use it with --device cpu --threads 1", file=sys.stderr)
+        return 2
+    bench = Bench(device, args.warmup, args.iters, args.clock)
     bench.measure_limits()
-    print(f"live backends: {', '.join(ops.available_backends())}; torch {torch.__version__}")
+    print(f"live backends: {', '.join(ops.available_backends())}; torch {torch.__version__}; clock: {args.clock}")
     print(HEADER)
     SUITES[args.suite](args, bench)
     if args.json:
@@ -316,6 +348,8 @@ def main(argv=None) -> int:
             "suite": args.suite,
             "device": device_name(device),
             "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "clock": bench.clock,
             "copy_GBps": bench.copy_gbps,
             "matmul_TFLOPs": bench.matmul_tflops,
             "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),

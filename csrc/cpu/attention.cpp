@@ -6,7 +6,8 @@
 // softmax over key tiles, so the score matrix never exceeds one tile. Backward
 // recomputes the probabilities from lse (delta = rowsum(dO * O)), one task per (b, h),
 // accumulating dK and dV in place. Tile products are BLAS calls on strided views of
-// the inputs (no copies); the row-wise softmax loops are vectorised here.
+// the inputs; score tiles are kept transposed (keys x queries) so the softmax loops
+// reduce down columns, vectorised across queries (attention_loops.h).
 // float32 and float64 run natively; float16/bfloat16 run in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

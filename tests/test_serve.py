@@ -414,3 +414,20 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, capsys, pipe):
     assert "--blocklist" in capsys.readouterr().err
     assert main(["--pipeline", str(tmp_path / "p"), "--decoder-engine", str(tmp_path / "d.onnx")]) == 2
     assert "--decoder-engine" in capsys.readouterr().err
+
+
+def test_style_vivid_upsamples_and_natural_keeps_the_prompt(pipe):
+    class Upsampler:
+        def upsample(self, prompts):
+            return [f"{p}, bright colours" for p in prompts]
+
+    pipe.upsampler = Upsampler()
+    try:
+        with ServerThread(create_app(pipe, ServeConfig())) as srv:
+            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+            vivid = client.images.generate(prompt=PROMPT, style="vivid", response_format="b64_json")
+            natural = client.images.generate(prompt=PROMPT, style="natural", response_format="b64_json")
+    finally:
+        pipe.upsampler = None
+    assert vivid.data[0].revised_prompt == f"{PROMPT}, bright colours"
+    assert natural.data[0].revised_prompt == PROMPT

@@ -13,12 +13,12 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <functional>
 #include <optional>
 #include <vector>
 
 #include "group_norm_silu_loops.h"
 #include "memory.h"
+#include "parallel.h"
 
 namespace d3f::gn {
 namespace {
@@ -132,25 +132,24 @@ inline void group_statistics(const Params& p, const Shape& sh, int64_t b, int64_
 template <typename T>
 void forward_channels_first(const T* x, T* y, const Params& p, const Shape& sh, double eps, bool silu,
                             double* mean_out, double* rstd_out) {
-  at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> shift(sh.C), s1(sh.C), s2(sh.C);
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / sh.G, g = bg % sh.G;
-      for (int64_t c = g * sh.Cg; c < (g + 1) * sh.Cg; ++c) {
-        const T* xc = x + (b * sh.C + c) * sh.S;
-        shift[c] = double(xc[0]);
-        k_shifted_sums_run(xc, sh.S, xc[0], s1[c], s2[c]);
-      }
-      double mean, rstd;
-      group_statistics(p, sh, b, g, shift.data(), s1.data(), s2.data(), eps, mean, rstd);
-      mean_out[bg] = mean;
-      rstd_out[bg] = rstd;
-      for (int64_t c = g * sh.Cg; c < (g + 1) * sh.Cg; ++c) {
-        double a, bb;
-        forward_coefficients(p, b, c, sh.C, mean, rstd, a, bb);
-        const int64_t off = (b * sh.C + c) * sh.S;
-        k_apply_run(silu, x + off, y + off, sh.S, T(a), T(bb));
-      }
+  auto make_scratch = [&] { return std::vector<double>(size_t(3 * sh.C)); };  // shift, s1, s2
+  parallel_tasks(sh.B * sh.G, make_scratch, [&](std::vector<double>& scratch, int64_t bg) {
+    double *shift = scratch.data(), *s1 = shift + sh.C, *s2 = s1 + sh.C;
+    const int64_t b = bg / sh.G, g = bg % sh.G;
+    for (int64_t c = g * sh.Cg; c < (g + 1) * sh.Cg; ++c) {
+      const T* xc = x + (b * sh.C + c) * sh.S;
+      shift[c] = double(xc[0]);
+      k_shifted_sums_run(xc, sh.S, xc[0], s1[c], s2[c]);
+    }
+    double mean, rstd;
+    group_statistics(p, sh, b, g, shift, s1, s2, eps, mean, rstd);
+    mean_out[bg] = mean;
+    rstd_out[bg] = rstd;
+    for (int64_t c = g * sh.Cg; c < (g + 1) * sh.Cg; ++c) {
+      double a, bb;
+      forward_coefficients(p, b, c, sh.C, mean, rstd, a, bb);
+      const int64_t off = (b * sh.C + c) * sh.S;
+      k_apply_run(silu, x + off, y + off, sh.S, T(a), T(bb));
     }
   });
 }
@@ -160,15 +159,13 @@ template <typename T, typename RowSums>
 void channels_last_sums(const Shape& sh, int n_sums, std::vector<double>& sums, const RowSums& row_sums) {
   const int64_t chunks = (sh.S + kRowsPerTask - 1) / kRowsPerTask;
   std::vector<double> partial(size_t(sh.B * chunks * n_sums * sh.C));
-  at::parallel_for(0, sh.B * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(size_t(n_sums * sh.C));
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, r0 = (task % chunks) * kRowsPerTask;
-      const int64_t rows = std::min(kRowsPerTask, sh.S - r0);
-      row_sums(b, r0, rows, acc.data());
-      double* out = partial.data() + task * n_sums * sh.C;
-      for (int64_t i = 0; i < n_sums * sh.C; ++i) out[i] = double(acc[i]);
-    }
+  auto make_scratch = [&] { return std::vector<T>(size_t(n_sums * sh.C)); };
+  parallel_tasks(sh.B * chunks, make_scratch, [&](std::vector<T>& acc, int64_t task) {
+    const int64_t b = task / chunks, r0 = (task % chunks) * kRowsPerTask;
+    const int64_t rows = std::min(kRowsPerTask, sh.S - r0);
+    row_sums(b, r0, rows, acc.data());
+    double* out = partial.data() + task * n_sums * sh.C;
+    for (int64_t i = 0; i < n_sums * sh.C; ++i) out[i] = double(acc[i]);
   });
   sums.assign(size_t(sh.B * n_sums * sh.C), 0.0);
   for (int64_t b = 0; b < sh.B; ++b)
@@ -179,14 +176,13 @@ void channels_last_sums(const Shape& sh, int n_sums, std::vector<double>& sums, 
     }
 }
 
-template <typename T>
-void for_each_row_block(const Shape& sh, const std::function<void(int64_t, int64_t, int64_t)>& fn) {
+// fn(b, first_row, rows) over blocks of rows of every sample, in parallel.
+template <typename Fn>
+void for_each_row_block(const Shape& sh, const Fn& fn) {
   const int64_t chunks = (sh.S + kRowsPerTask - 1) / kRowsPerTask;
-  at::parallel_for(0, sh.B * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, r0 = (task % chunks) * kRowsPerTask;
-      fn(b, r0, std::min(kRowsPerTask, sh.S - r0));
-    }
+  parallel_tasks(sh.B * chunks, [] { return 0; }, [&](int, int64_t task) {
+    const int64_t b = task / chunks, r0 = (task % chunks) * kRowsPerTask;
+    fn(b, r0, std::min(kRowsPerTask, sh.S - r0));
   });
 }
 
@@ -217,7 +213,7 @@ void forward_channels_last(const T* x, T* y, const Params& p, const Shape& sh, d
       }
     }
   }
-  for_each_row_block<T>(sh, [&](int64_t b, int64_t r0, int64_t rows) {
+  for_each_row_block(sh, [&](int64_t b, int64_t r0, int64_t rows) {
     const int64_t off = (b * sh.S + r0) * C;
     k_apply_rows(silu, x + off, y + off, rows, C, a.data() + b * C, bb.data() + b * C);
   });
@@ -271,22 +267,28 @@ struct GroupGrad {
 template <typename T>
 void backward_channels_first(const T* dy, const T* x, T* dx, const Params& prm, const Shape& sh, bool silu,
                              const double* mean, const double* rstd, const GroupGrad& group_grad) {
-  at::parallel_for(0, sh.B * sh.G, 1, [&](int64_t begin, int64_t end) {
-    std::vector<GradChannel> ch(size_t(sh.Cg));
-    std::vector<double> p(size_t(sh.Cg)), q(size_t(sh.Cg)), r(size_t(sh.Cg));
-    for (int64_t bg = begin; bg < end; ++bg) {
-      const int64_t b = bg / sh.G, g = bg % sh.G;
-      for (int64_t i = 0; i < sh.Cg; ++i) {
-        const int64_t c = g * sh.Cg + i, off = (b * sh.C + c) * sh.S;
-        forward_coefficients(prm, b, c, sh.C, mean[bg], rstd[bg], ch[i].a, ch[i].bb);
-        k_grad_sums_run(silu, x + off, dy + off, sh.S, T(ch[i].a), T(ch[i].bb), ch[i].sdz, ch[i].sdzx, ch[i].sx);
-      }
-      group_grad(b, g, mean[bg], rstd[bg], ch.data(), p.data(), q.data(), r.data());
-      for (int64_t i = 0; i < sh.Cg; ++i) {
-        const int64_t off = (b * sh.C + g * sh.Cg + i) * sh.S;
-        k_grad_apply_run(silu, x + off, dy + off, dx + off, sh.S, T(ch[i].a), T(ch[i].bb), T(p[i]), T(q[i]),
-                         T(r[i]));
-      }
+  struct Scratch {
+    std::vector<GradChannel> ch;
+    std::vector<double> p, q, r;
+  };
+  auto make_scratch = [&] {
+    const size_t n = size_t(sh.Cg);
+    return Scratch{std::vector<GradChannel>(n), std::vector<double>(n), std::vector<double>(n),
+                   std::vector<double>(n)};
+  };
+  parallel_tasks(sh.B * sh.G, make_scratch, [&](Scratch& scratch, int64_t bg) {
+    auto& [ch, p, q, r] = scratch;
+    const int64_t b = bg / sh.G, g = bg % sh.G;
+    for (int64_t i = 0; i < sh.Cg; ++i) {
+      const int64_t c = g * sh.Cg + i, off = (b * sh.C + c) * sh.S;
+      forward_coefficients(prm, b, c, sh.C, mean[bg], rstd[bg], ch[i].a, ch[i].bb);
+      k_grad_sums_run(silu, x + off, dy + off, sh.S, T(ch[i].a), T(ch[i].bb), ch[i].sdz, ch[i].sdzx, ch[i].sx);
+    }
+    group_grad(b, g, mean[bg], rstd[bg], ch.data(), p.data(), q.data(), r.data());
+    for (int64_t i = 0; i < sh.Cg; ++i) {
+      const int64_t off = (b * sh.C + g * sh.Cg + i) * sh.S;
+      k_grad_apply_run(silu, x + off, dy + off, dx + off, sh.S, T(ch[i].a), T(ch[i].bb), T(p[i]), T(q[i]),
+                       T(r[i]));
     }
   });
 }
@@ -330,7 +332,7 @@ void backward_channels_last(const T* dy, const T* x, T* dx, const Params& prm, c
       }
     }
   }
-  for_each_row_block<T>(sh, [&](int64_t b, int64_t r0, int64_t rows) {
+  for_each_row_block(sh, [&](int64_t b, int64_t r0, int64_t rows) {
     const int64_t off = (b * sh.S + r0) * C, bc = b * C;
     k_grad_apply_rows(silu, x + off, dy + off, dx + off, rows, C, a.data() + bc, bb.data() + bc, p.data() + bc,
                       q.data() + bc, r.data() + bc);

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -47,9 +48,13 @@ def _check_prompts(prompts) -> list[str]:
     return prompts
 
 
+_STUTTER = re.compile(r"\b(\w+)(?:\s+\1\b){2,}")
+
+
 def _clean(text: str) -> str:
-    """One paragraph, without surrounding quotes or a "Description:" style label."""
-    text = " ".join(text.strip().split())
+    """One paragraph, without surrounding quotes, a "Description:" style label or a word stuck in a loop
+    (a small greedy decoder's failure mode: "star star star ...")."""
+    text = _STUTTER.sub(r"\1", " ".join(text.strip().split()))
     for label in ("Revised prompt:", "Description:", "Prompt:"):
         if text.lower().startswith(label.lower()):
             text = text[len(label):].strip()
@@ -205,7 +210,8 @@ class LocalUpsampler:
         device = next(self.model.parameters()).device
         out = self.model.generate(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device),
                                   max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
-        return [_clean(text) for text in self.tokenizer.decode(out.cpu())]
+        # a decoder that produced nothing usable leaves the prompt as the user wrote it
+        return [_clean(text) or prompt for prompt, text in zip(prompts, self.tokenizer.decode(out.cpu()))]
 
 
 def load_upsampler(backend: str, *, pipeline_dir=None, base_url=None, model=None, api_key=None):

@@ -5,15 +5,19 @@
 Stages (each one's result is kept under ``--work``, so a stage that already finished is skipped
 when the command is run again, e.g. to train only the alt-text-only U-Net afterwards):
 
-1. ``vae``:        the tiny KL-f8 VAE (64x64x3 -> 8x8x4), task ``vae`` of ``python -m dalle3_fast.train``
-                   with configs/vae_tiny.json;
+1. ``vae``:        the tiny KL-f8 VAE (64x64x3 -> 8x8x4; half the channels of vae_config("tiny")), task
+                   ``vae`` of ``python -m dalle3_fast.train`` with configs/vae_tiny.json (L1 + KL), then a
+                   short MSE + L1 refinement (direct code: the task's L1-only loss learns the background
+                   first and gives small shapes their colour slowly);
 2. ``unet``:       the tiny U-Net on blended captions (95 % DSC / 5 % alt-text, 10 % caption drop for
                    classifier-free guidance), task ``unet`` with configs/unet_tiny.json. The same run
                    trains a SentencePiece tokenizer on scene-world captions and builds the tiny T5 text
                    encoder: randomly initialised and frozen (the U-Net learns to read its token
-                   embeddings; with a 1000-word vocabulary and a closed caption grammar that suffices).
+                   embeddings; with a 1000-piece vocabulary and a closed caption grammar that suffices).
                    ``--alt-only`` trains this U-Net on alt-text only (synthetic ratio 0), everything
                    else equal, into its own work directory: the paper's caption ablation;
+   ``vae_decoder``: the VAE's decoder fine-tuned alone (MSE + L1, encoder frozen, so the U-Net's latent
+                   space is unchanged); can run beside ``unet``;
 3. ``decoder``:    the tiny latent diffusion decoder (task ``decoder``), then its 2-step consistency
                    distillation (task ``decoder_distill``);
 4. ``upsampler``:  the local prompt upsampler (a small T5 seq2seq with its own SentencePiece tokenizer,
@@ -22,8 +26,8 @@ when the command is run again, e.g. to train only the alt-text-only U-Net afterw
 
 Deterministic: every stage is seeded (model init, data order and captions come from fixed seeds), so
 the same command on the same software gives the same weights up to floating-point summation order.
-The step counts default to what fits about 35 minutes on a shared 2-core CPU; scale them with
-``--scale``.
+The step counts default to what fits about 45 minutes on a 2-core CPU shared with other jobs when the
+stages run as three processes side by side (see README); scale them with ``--scale``.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-STAGES = ("vae", "unet", "decoder", "upsampler", "assemble")
+STAGES = ("vae", "unet", "vae_decoder", "decoder", "upsampler", "assemble")
 EVAL_SIZE = "64x64"
 
 
@@ -54,9 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="multiply every stage's step count (e.g. 0.01 for a smoke run, 3 for a better model)")
     p.add_argument("--vae-steps", type=int, default=300, help="VAE optimizer steps (batch 16)")
     p.add_argument("--vae-refine-steps", type=int, default=300, help="VAE MSE+L1 refinement steps (batch 16)")
+    p.add_argument("--vae-decoder-steps", type=int, default=400,
+                   help="VAE decoder-only fine-tuning steps (batch 16), encoder frozen")
     p.add_argument("--unet-steps", type=int, default=800, help="U-Net optimizer steps (batch 32)")
-    p.add_argument("--decoder-steps", type=int, default=150, help="latent decoder steps (batch 16)")
-    p.add_argument("--distill-steps", type=int, default=50, help="consistency distillation steps (batch 16)")
+    p.add_argument("--decoder-steps", type=int, default=80, help="latent decoder steps (batch 16)")
+    p.add_argument("--distill-steps", type=int, default=25, help="consistency distillation steps (batch 16)")
     p.add_argument("--upsampler-steps", type=int, default=800, help="local upsampler steps (batch 32)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest on a machine whose cores are shared with other jobs")
@@ -153,6 +159,49 @@ def refine_vae(source: Path, out: Path, steps: int, *, start: int, seed: int, ba
     return final
 
 
+def stage_vae_decoder(args, work: Path) -> Path:
+    """Fine-tune only the VAE's decoder (MSE + L1), the encoder and so the latent space frozen: the U-Net
+    trained on these latents stays valid (as SD's ft-MSE decoder did). Runs beside the U-Net stage."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from dalle3_fast.models.vae import AutoencoderKL
+    from dalle3_fast.train.tasks.image_data import ImageDataOptions, image_batches
+
+    out = work / "vae_decoder" / "final"
+    if (out / "config.json").is_file():
+        print(f"[build] {out} already trained; reusing it", file=sys.stderr)
+        return out
+    steps = _steps(args.vae_decoder_steps, args.scale)
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL.from_pretrained(work / "vae_refined" / "final")
+    vae.requires_grad_(False)
+    decoder = [p for name, p in vae.named_parameters() if not name.startswith(("encoder.", "quant_conv."))]
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=1e-3, betas=(0.9, 0.99))
+    data = image_batches(ImageDataOptions(data="world", data_seed=args.seed + 2, resolution=64), 16, 0, 1, 0)
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), unit="step", desc="vae decoder", file=sys.stderr)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * (1 - 0.9 * step / steps)
+        x = next(data)["image"]
+        with torch.no_grad():
+            z = vae.encode(x).sample()
+        recon = vae.decode(z)
+        mse, l1 = F.mse_loss(recon, x), (recon - x).abs().mean()
+        (mse + 0.1 * l1).backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(mse=f"{mse.item():.4f}", l1=f"{l1.item():.4f}")
+    vae.eval().save_pretrained(out)
+    print(f"[build] vae decoder: {steps} steps in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
+    return out
+
+
 def unet_dir(work: Path, alt_only: bool) -> Path:
     return work / ("unet_alt" if alt_only else "unet")
 
@@ -209,11 +258,14 @@ def stage_assemble(args, work: Path) -> Path:
     schedule = NoiseSchedule({"squaredcos_cap_v2": "cosine"}.get(sched["beta_schedule"], sched["beta_schedule"]),
                              sched["num_train_timesteps"], sched["beta_start"], sched["beta_end"])
     text_encoder_dir = work / "unet" / "text_encoder"
+    vae_dir = work / "vae_decoder" / "final"
+    if not vae_dir.is_dir():
+        vae_dir = work / "vae_refined" / "final"
     decoder_dir = work / "decoder_distill" / "final"
     upsampler_dir = work / "upsampler"
     pipe = Dalle3Pipeline(
         T5TextEncoder.from_pretrained(text_encoder_dir), UNet.from_pretrained(unet_run / "final"),
-        AutoencoderKL.from_pretrained(work / "vae_refined" / "final"),
+        AutoencoderKL.from_pretrained(vae_dir),
         decoder=LatentDecoder.from_pretrained(decoder_dir) if decoder_dir.is_dir() else None,
         upsampler=LocalUpsampler.from_pretrained(upsampler_dir) if (upsampler_dir / "config.json").is_file() else None,
         schedule=schedule, prediction_type=sched["prediction_type"],

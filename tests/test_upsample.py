@@ -111,3 +111,11 @@ def test_local_upsampler_trains_saves_and_loads(tmp_path):
     assert again.max_new_tokens == 12 and again.tokenizer == up.tokenizer
     assert again.upsample(["A large red circle.", "An image of two small blue stars."]) == out
     assert again.upsample([]) == []
+
+
+def test_clean_strips_labels_quotes_and_loops():
+    from dalle3_fast.upsample import _clean
+
+    assert _clean('Description: "A red star."') == "A red star."
+    assert _clean("A large yellow star star star star star.") == "A large yellow star."
+    assert _clean("two  two stars\n") == "two two stars"

@@ -66,6 +66,14 @@ def output_paths(out: str, n: int) -> list[Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(n)]
 
 
+def quiet_transformers() -> None:
+    """transformers' weight-loading progress bars and notices are noise on a CLI's stderr."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load_pipeline(directory, device: str, dtype_name: str):
     import torch
 
@@ -77,6 +85,7 @@ def load_pipeline(directory, device: str, dtype_name: str):
         where = "the embedded pipeline is not installed (run scripts/build_tiny_pipeline.py)" if \
             directory == TINY_PIPELINE else "pass a directory written by Dalle3Pipeline.save_pretrained"
         raise UsageError(f"pipeline directory {str(directory)!r} has no {MODEL_INDEX}; {where}")
+    quiet_transformers()
     try:
         return Dalle3Pipeline.from_pretrained(directory, device=device, dtype=getattr(torch, DTYPES[dtype_name]))
     except Exception as exc:  # any failure to read the parts means a corrupt or incomplete directory

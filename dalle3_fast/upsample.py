@@ -248,6 +248,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help=f"openai backend: chat model name (default ${ENV_MODEL})")
     p.add_argument("--api-key", default=None, help=f"openai backend: API key (default ${ENV_API_KEY})")
     args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         upsampler = load_upsampler(args.backend, pipeline_dir=args.pipeline, base_url=args.base_url,
                                    model=args.model, api_key=args.api_key)

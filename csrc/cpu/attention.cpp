@@ -92,18 +92,18 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const int64_t q_blocks = (d.N + block - 1) / block;
   const int64_t ld = d.H * d.D;
   T* lse_ptr = lse.data_ptr<T>();  // (B, H, N)
-  // Values per head, contiguous: the P V product runs ~15% faster than on strided rows.
-  const at::Tensor v_heads = v.transpose(1, 2).contiguous();  // (B, H, L, D)
   struct Scratch {
     at::Tensor scores_t;  // (keys, queries)
+    at::Tensor values;    // (keys, D): the tile's values, contiguous, for a ~15% faster P V product
     std::vector<T> m, l, alpha;
   };
   auto make_scratch = [&] {
-    return Scratch{at::empty({std::min(kKeyTile, d.L), block}, q.options()), std::vector<T>(block),
-                   std::vector<T>(block), std::vector<T>(block)};
+    const int64_t tile = std::min(kKeyTile, d.L);
+    return Scratch{at::empty({tile, block}, q.options()), at::empty({tile, d.D}, q.options()),
+                   std::vector<T>(block), std::vector<T>(block), std::vector<T>(block)};
   };
   parallel_tasks(d.B * d.H * q_blocks, make_scratch, [&](Scratch& scratch, int64_t task) {
-    auto& [scores_t, m, l, alpha] = scratch;
+    auto& [scores_t, values, m, l, alpha] = scratch;
     // Sample index fastest, so the heavy tasks (samples with more keys) do not bunch up.
     const int64_t b = task % d.B, h = (task / d.B) % d.H, bh = b * d.H + h;
     const int64_t n0 = (task / (d.B * d.H)) * block, rows = std::min(block, d.N - n0);
@@ -123,7 +123,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       at::Tensor st = scores_t.narrow(0, 0, keys).narrow(1, 0, rows);
       scaled_mm(st, head_rows(k, b, h, k0, keys), qb.t(), scale);
       k_online_softmax_tile(st.data_ptr<T>(), st.stride(0), keys, rows, m.data(), l.data(), alpha.data());
-      const at::Tensor vt = v_heads.select(0, b).select(0, h).narrow(0, k0, keys);
+      const at::Tensor vt = values.narrow(0, 0, keys).copy_(head_rows(v, b, h, k0, keys));
       if (k0 == 0) {
         at::mm_out(o, st.t(), vt);
       } else {

@@ -131,10 +131,9 @@ def stage_finetune(args, work: Path, env: dict) -> None:
             continue
         overrides = [f"task_options.data={json.dumps(data)}", f"task_options.init_from={json.dumps(str(init))}",
                      *args.overrides]
-        # side by side, each run's progress goes to its own log so the bars do not interleave
+        # side by side, each run writes its progress to its own log (WORK/ssc.log, WORK/dsc.log)
         log = None if args.sequential else work / f"{name}.log"
-        procs[name] = run(train_command(config, out, steps[name], overrides, args.sequential and not args.no_progress),
-                          env, log)
+        procs[name] = run(train_command(config, out, steps[name], overrides, not args.no_progress), env, log)
         if args.sequential:
             wait({name: procs.pop(name)})
     wait(procs)

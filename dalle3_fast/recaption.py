@@ -57,6 +57,9 @@ class RecaptionReport:
                 if self.seconds else None, "read": self.stats.as_dict(), "errors": self.stats.errors}
 
 
+DEFAULT_CAPTIONER = Path(__file__).resolve().parent / "assets" / "captioner_dsc"
+
+
 def load_captioner(directory, device: torch.device):
     """The CoCa captioner saved by ``save_pretrained`` in ``directory``, in eval mode on ``device``."""
     from .models.captioner import CoCa
@@ -224,7 +227,9 @@ def recaption(model, shards: str | list[str], output, *, style: str = "dsc", bat
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dalle3_fast.recaption", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--captioner", required=True, help="captioner directory written by CoCa.save_pretrained")
+    p.add_argument("--captioner", default=str(DEFAULT_CAPTIONER),
+                   help="captioner directory written by CoCa.save_pretrained (default: the embedded tiny DSC "
+                        "captioner trained on the scene world, dalle3_fast/assets/captioner_dsc)")
     p.add_argument("--input", required=True, help="input shards, brace-expanded: 'data/{000000..000099}.tar'")
     p.add_argument("--output", required=True, help="output directory; shards keep the input's file names")
     p.add_argument("--style", choices=STYLES, default="dsc",

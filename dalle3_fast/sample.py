@@ -47,6 +47,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--upsample-model", default=None, help="openai upsampler: model (default $DALLE3_UPSAMPLE_MODEL)")
     p.add_argument("--decoder", default=None, choices=("vae", "consistency"),
                    help="latents -> pixels: the VAE decoder or the 2-step consistency decoder (default: the pipeline's)")
+    p.add_argument("--decoder-engine", default=None,
+                   help="decode with an exported 2-step decoder instead of the PyTorch one: a .onnx file "
+                        "(onnxruntime) or a TensorRT .plan, from `python -m dalle3_fast.export --part decoder`; "
+                        "implies --decoder consistency")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="U-Net/VAE/decoder precision (default float32)")
@@ -119,6 +123,13 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     pipe = load_pipeline(args.pipeline, args.device, args.dtype)
+    try:
+        if args.decoder_engine is not None:
+            from dalle3_fast.export import use_decoder_engine
+
+            use_decoder_engine(pipe, Path(args.decoder_engine))
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
     load_s = time.perf_counter() - t0
     try:
         pipe.check_size(args.size or pipe.defaults["size"])

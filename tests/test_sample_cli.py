@@ -65,6 +65,12 @@ def test_missing_pipeline(tmp_path):
                           "model_index.json")
 
 
+@needs_assets
+def test_missing_decoder_engine(tmp_path):
+    assert_one_line_error(run_cli("--prompt", "a star", "--decoder-engine", str(tmp_path / "decoder.onnx")),
+                          "--decoder-engine", "no such file")
+
+
 def test_corrupt_model_index(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
     assert_one_line_error(run_cli("--prompt", "a star", "--pipeline", str(tmp_path)), "corrupt")

@@ -3,9 +3,9 @@
     from dalle3_fast.export import ORTDecoder, export_onnx, part_spec, verify_onnx
     from dalle3_fast.export.tensorrt import TRTDecoder, build_engine      # needs tensorrt + a GPU
 """
-from dalle3_fast.export.engine_decoder import EngineDecoder, ORTDecoder
+from dalle3_fast.export.engine_decoder import EngineDecoder, ORTDecoder, use_decoder_engine
 from dalle3_fast.export.graphs import PARTS, PartSpec, part_spec
 from dalle3_fast.export.onnx_export import check_onnx, export_onnx, verify_onnx
 
 __all__ = ["EngineDecoder", "ORTDecoder", "PARTS", "PartSpec", "part_spec", "check_onnx", "export_onnx",
-           "verify_onnx"]
+           "verify_onnx", "use_decoder_engine"]

@@ -11,6 +11,7 @@ the engine's numerics.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -59,3 +60,21 @@ class ORTDecoder(EngineDecoder):
         feeds = {"latents": latents, "noise_0": noise_0, "noise_1": noise_1}
         out = self.session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})[0]
         return torch.from_numpy(out).to(latents.device)
+
+
+def use_decoder_engine(pipe, path: Path) -> None:
+    """Replace the pipeline's latent decoder by the exported graph at ``path`` and make it the default decoder."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--decoder-engine {path}: no such file")
+    if pipe.decoder is None:
+        raise ValueError("--decoder-engine: this pipeline has no latent decoder to replace")
+    if path.suffix == ".onnx":
+        pipe.decoder = ORTDecoder(path, like=pipe.decoder)
+    else:
+        from dalle3_fast.export.tensorrt import TRTDecoder
+
+        try:
+            pipe.decoder = TRTDecoder(path, like=pipe.decoder)
+        except RuntimeError as exc:
+            raise ValueError(f"--decoder-engine {path}: {exc}") from None
+    pipe.defaults["decoder"] = "consistency"

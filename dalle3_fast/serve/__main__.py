@@ -72,28 +72,10 @@ def build(args):
                          steps=args.steps, max_pixels=args.max_pixels, threads=args.threads)
     pipe = Dalle3Pipeline.from_pretrained(directory, device=args.device)
     if args.decoder_engine:
+        from dalle3_fast.export import use_decoder_engine
+
         use_decoder_engine(pipe, Path(args.decoder_engine))
     return create_app(pipe, config), config
-
-
-def use_decoder_engine(pipe, path: Path) -> None:
-    """Replace the pipeline's latent decoder by the exported graph at ``path`` and make it the default decoder."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--decoder-engine {path}: no such file")
-    if pipe.decoder is None:
-        raise ValueError("--decoder-engine: this pipeline has no latent decoder to replace")
-    if path.suffix == ".onnx":
-        from dalle3_fast.export import ORTDecoder
-
-        pipe.decoder = ORTDecoder(path, like=pipe.decoder)
-    else:
-        from dalle3_fast.export.tensorrt import TRTDecoder
-
-        try:
-            pipe.decoder = TRTDecoder(path, like=pipe.decoder)
-        except RuntimeError as exc:
-            raise ValueError(f"--decoder-engine {path}: {exc}") from None
-    pipe.defaults["decoder"] = "consistency"
 
 
 def main(argv=None) -> int:

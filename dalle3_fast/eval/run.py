@@ -14,7 +14,7 @@ from dalle3_fast.pipeline import from_pil
 from .clip_score import ClipScorer
 from .prompts import EvalPrompt
 
-ATTRIBUTES = ("colour", "shape", "count", "position", "size", "background", "word", "all")
+ATTRIBUTES = ("colour", "binding", "shape", "count", "position", "size", "background", "word", "all")
 
 
 def evaluate(pipe, prompts: Sequence[EvalPrompt], *, scorer: ClipScorer | None = None, n: int = 1, seed: int = 0,

@@ -63,6 +63,16 @@ def _clean(text: str) -> str:
     return text
 
 
+_FUNCTION_WORDS = frozenset("a an the and or of on in at to with its it is are there one two three four five".split())
+
+
+def keeps_content(prompt: str, revised: str) -> bool:
+    """Whether ``revised`` still names every content word of ``prompt`` (a small model's rewrite that drops
+    or swaps the subject — "a red circle" -> "a yellow star" — is no revision of it)."""
+    words = set(re.findall(r"[a-z]+", revised.lower()))
+    return all(w in words for w in re.findall(r"[a-z]+", prompt.lower()) if w not in _FUNCTION_WORDS)
+
+
 class OpenAIUpsampler:
     """Revised prompts from an OpenAI-compatible chat endpoint (one request per prompt).
 
@@ -210,8 +220,9 @@ class LocalUpsampler:
         device = next(self.model.parameters()).device
         out = self.model.generate(input_ids=batch.ids.to(device), attention_mask=batch.attention_mask.to(device),
                                   max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
-        # a decoder that produced nothing usable leaves the prompt as the user wrote it
-        return [_clean(text) or prompt for prompt, text in zip(prompts, self.tokenizer.decode(out.cpu()))]
+        # a revision that is empty or loses what the user asked for leaves the prompt as the user wrote it
+        revised = (_clean(text) for text in self.tokenizer.decode(out.cpu()))
+        return [text if text and keeps_content(prompt, text) else prompt for prompt, text in zip(prompts, revised)]
 
 
 def load_upsampler(backend: str, *, pipeline_dir=None, base_url=None, model=None, api_key=None):

@@ -119,3 +119,12 @@ def test_clean_strips_labels_quotes_and_loops():
     assert _clean('Description: "A red star."') == "A red star."
     assert _clean("A large yellow star star star star star.") == "A large yellow star."
     assert _clean("two  two stars\n") == "two two stars"
+
+
+def test_local_revision_must_keep_the_prompts_content_words():
+    from dalle3_fast.upsample import keeps_content
+
+    assert keeps_content("a red circle above a blue square",
+                         "A large red circle sits above a small blue square on a white background.")
+    assert not keeps_content("a red circle above a blue square", "A large star and a large yellow star.")
+    assert not keeps_content("two green stars", "Two green crosses on a black background.")

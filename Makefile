@@ -8,6 +8,7 @@ PIP := $(PYTHON) -m pip
 # lies on this class of machine); a user's own torch, CUDA or not, is kept.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+	$(PIP) install "setuptools>=64" wheel ninja   # the build tools --no-build-isolation expects to find
 	$(PIP) install -e ".[serve,export,test]" --no-build-isolation
 	@$(PYTHON) -c "import dalle3_fast.ops as o; print('dalle3_fast backends live:', ', '.join(o.available_backends()))"
 

@@ -12,14 +12,6 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(config: str, out: Path, steps: int, *overrides: str) -> dict:
     from dalle3_fast.train.__main__ import main
 

@@ -17,12 +17,7 @@ from dalle3_fast.export.tensorrt import tensorrt_unavailable_reason
 TRT_REASON = tensorrt_unavailable_reason()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from diffusers.models.embeddings import Timesteps as DTimesteps  # noqa: E402
 from diffusers import Transformer2DModel  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these tensors are tiny: one thread is as fast as two and does not thrash on a busy machine
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a, b):

@@ -26,12 +26,7 @@ TINY = dict(image_size=SIZE, patch_size=8, vision_width=64, vision_layers=1, vis
             embed_dim=32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -256,9 +256,35 @@ def test_vae_task_with_patch_gan(tmp_path):
 
     summary = run_task(tmp_path, "vae", {"model": "tiny", "gan_start": 1}, steps=2, sample_every=2)
     row = json.loads(Path(summary["metrics"]).read_text().splitlines()[-1])
-    assert {"l1", "kl", "g_loss", "d_loss"} <= set(row)
+    assert {"rec", "kl", "g_loss", "d_loss"} <= set(row)
     vae = AutoencoderKL.from_pretrained(summary["final"])
     assert vae.scaling_factor != 0.18215  # re-estimated from the latents at export
+
+
+def test_vae_task_foreground_weighted_mse_and_logvar_reset(tmp_path):
+    from dalle3_fast.models.vae import AutoencoderKL
+
+    summary = run_task(tmp_path, "vae", {"model": "tiny", "recon_loss": "mse+l1", "foreground_weight": 10.0,
+                                         "logvar_init": -9.0}, optimizer={"lr": 1e-6})
+    vae = AutoencoderKL.from_pretrained(summary["final"])
+    logvar = vae.quant_conv.bias[vae.config.latent_channels:]
+    assert torch.allclose(logvar, torch.full_like(logvar, -9.0), atol=1e-3)
+    with pytest.raises(ValueError, match="recon_loss"):
+        run_task(tmp_path / "bad", "vae", {"model": "tiny", "recon_loss": "l2"})
+
+
+def test_reconstruction_loss_weights_the_foreground():
+    from dalle3_fast.train.tasks.vae import foreground_weights, reconstruction_loss
+
+    x = torch.full((1, 3, 8, 8), 1.0)
+    x[:, :, 2:4, 2:4] = -1.0  # a 2x2 object on a white background
+    w = foreground_weights(x, 9.0)
+    assert w.sum() == 60 + 4 * 10
+    recon = x.clone()
+    recon[:, :, 2, 2] = 0.0  # one object pixel off by 1 in every channel
+    assert reconstruction_loss(recon, x, "l1") == pytest.approx(1 / 64)
+    assert reconstruction_loss(recon, x, "l1", 9.0) == pytest.approx(10 / 100)
+    assert reconstruction_loss(recon, x, "mse+l1") == pytest.approx(1.1 / 64)
 
 
 def test_unet_task_exports_unet_and_schedule(tmp_path, tiny_parts):
@@ -271,6 +297,24 @@ def test_unet_task_exports_unet_and_schedule(tmp_path, tiny_parts):
     sched = json.loads(Path(summary["final"], "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "v_prediction" and sched["beta_schedule"] == "scaled_linear"
     assert Path(tmp_path, "unet", "text_encoder", "config.json").is_file()
+
+
+def test_unet_latent_reuse_batches_resume_mid_group(tmp_path, tiny_parts):
+    from dalle3_fast.train.task import TaskContext, build_task
+
+    ctx = TaskContext(seed=0, device=torch.device("cpu"), rank=0, world_size=1, activation_checkpointing=False,
+                      out_dir=tmp_path, precision="fp32")
+    task = build_task("unet", {"resolution": 32, "latent_reuse": 3}, ctx)
+    full = [b for _, b in zip(range(7), task.batches(2, 0, 1, 0))]
+    assert [b["image_batch"] for b in full] == [0, 0, 0, 1, 1, 1, 2]
+    assert full[0]["image"] is full[2]["image"] and not torch.equal(full[2]["image"], full[3]["image"])
+    resumed = [b for _, b in zip(range(3), task.batches(2, 0, 1, 4))]
+    for a, b in zip(full[4:], resumed):
+        assert a["image_batch"] == b["image_batch"] and a["captions"] == b["captions"]
+        assert torch.equal(a["image"], b["image"])
+    summary = run_task(tmp_path / "run", "unet", {"vae": str(tiny_parts / "vae"), "tokenizer_scenes": 40,
+                                                  "sample_steps": 2, "latent_reuse": 2}, steps=3, sample_every=3)
+    assert math.isfinite(summary["loss"])
 
 
 def test_decoder_then_distill_tasks(tmp_path, tiny_parts):

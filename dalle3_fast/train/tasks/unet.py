@@ -64,6 +64,7 @@ class UNetTask(Task):
         synthetic_key: str = "dsc"
         original_key: str = "alt"
         caption_drop: float = 0.1        # empty caption for classifier-free guidance
+        latent_reuse: int = 1            # optimizer steps each encoded image batch serves (fresh noise, t, captions)
         sample_prompts: list[str] = field(default_factory=list)  # default: held-out DSC captions
         sample_count: int = 4
         sample_steps: int = 20
@@ -73,6 +74,8 @@ class UNetTask(Task):
         o = self.options
         if o.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"task_options.prediction_type={o.prediction_type!r}; use epsilon or v_prediction")
+        if o.latent_reuse < 1:
+            raise ValueError(f"task_options.latent_reuse must be >= 1, got {o.latent_reuse}")
         for name in ("synthetic_ratio", "caption_drop"):
             if not 0 <= getattr(o, name) <= 1:
                 raise ValueError(f"task_options.{name} must lie in [0, 1]")
@@ -94,17 +97,20 @@ class UNetTask(Task):
         self.text_encoder = freeze(text.to(self.ctx.device))
         self.schedule = NoiseSchedule(o.beta_schedule, o.num_train_timesteps, o.beta_start, o.beta_end)
         self._micro = unet._config["addition_embed_type"] == "text_time"
+        self._posterior = (None, None)  # (image batch number, its VAE posterior)
         return unet
 
     def batches(self, batch_size, rank, world_size, start):
         o = self.options
-        stream = image_batches(o, batch_size, rank, world_size, start, multiple=8)
-        for m, batch in zip(itertools.count(start), stream):
-            rng = random.Random(f"{o.data_seed}:captions:{rank}:{m}")
-            batch["captions"] = blend_captions(batch["records"], rng, synthetic_ratio=o.synthetic_ratio,
-                                               synthetic_key=o.synthetic_key, original_key=o.original_key,
-                                               drop=o.caption_drop)
-            yield batch
+        k = o.latent_reuse
+        stream = image_batches(o, batch_size, rank, world_size, start // k, multiple=8)
+        for i, batch in zip(itertools.count(start // k), stream):
+            for m in range(max(start, i * k), (i + 1) * k):
+                rng = random.Random(f"{o.data_seed}:captions:{rank}:{m}")
+                captions = blend_captions(batch["records"], rng, synthetic_ratio=o.synthetic_ratio,
+                                          synthetic_key=o.synthetic_key, original_key=o.original_key,
+                                          drop=o.caption_drop)
+                yield {**batch, "captions": captions, "image_batch": i}
 
     def _encode_text(self, captions: list[str]):
         with torch.no_grad():
@@ -123,8 +129,12 @@ class UNetTask(Task):
 
     def loss(self, unet: UNet, batch):
         images = batch["image"]
-        with torch.no_grad():
-            latents = self.vae.scale_latents(self.vae.encode(images).sample())
+        number, posterior = self._posterior
+        if posterior is None or number != batch["image_batch"]:  # encode once per image batch (latent_reuse)
+            with torch.no_grad():
+                posterior = self.vae.encode(images)
+            self._posterior = (batch["image_batch"], posterior)
+        latents = self.vae.scale_latents(posterior.sample())
         context, lengths = self._encode_text(batch["captions"])
         o = self.options
         loss = diffusion_loss(self._net_fn(unet, tuple(images.shape[-2:])), self.schedule, latents,

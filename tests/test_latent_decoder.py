@@ -112,15 +112,18 @@ def test_schedule_matches_diffusers_scheduler():
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_ddim_teacher_matches_diffusers_ddim(eta):
-    model = small_decoder()
-    z = torch.randn(1, 4, 3, 5)
+    # float64: at t=1023 of the cosine schedule 1 - alpha_prev - sigma^2 is ~1e-8, which float32 rounds
+    # below zero inside diffusers' step (NaN from the square root)
+    model = small_decoder().double()
+    z = torch.randn(1, 4, 3, 5, dtype=torch.float64)
     steps = 4
     gen = torch.Generator().manual_seed(9)
-    noises = [torch.randn(1, 3, 6, 10, generator=gen) for _ in range(steps)]
+    noises = [torch.randn(1, 3, 6, 10, generator=gen, dtype=torch.float64) for _ in range(steps)]
     out = model.ddim_decode(z, num_inference_steps=steps, eta=eta, noise=noises if eta else noises[:1])
     ddim = diffusers.DDIMScheduler(num_train_timesteps=1024, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                                    set_alpha_to_one=True, prediction_type="sample", timestep_spacing="trailing")
     ddim.set_timesteps(steps)
+    ddim.alphas_cumprod = ddim.alphas_cumprod.double()
     assert ddim.timesteps.tolist() == model.ddim_timesteps(steps)
     with torch.no_grad():
         cond = model.condition(z)

@@ -22,8 +22,9 @@ when the command is run again, e.g. to train only the alt-text-only U-Net afterw
 
 Deterministic: every stage is seeded (model init, data order and captions come from fixed seeds), so
 the same command on the same software gives the same weights up to floating-point summation order.
-The step counts default to what fits about 45 minutes on a 2-core CPU shared with other jobs when the
-stages run as three processes side by side (see README); scale them with ``--scale``.
+The step counts default to about 90 minutes on a 2-core CPU: the VAE with both cores, then the two
+U-Nets and the decoder as three one-thread processes side by side (README, "Retraining the embedded
+pipeline"); scale them with ``--scale``.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every stage's step count (e.g. 0.01 for a smoke run, 3 for a better model)")
     p.add_argument("--vae-steps", type=int, default=3600, help="VAE optimizer steps (batch 16)")
-    p.add_argument("--unet-steps", type=int, default=2700, help="U-Net optimizer steps (batch 32)")
+    p.add_argument("--unet-steps", type=int, default=4000,
+                   help="U-Net optimizer steps (batch 32; each encoded image batch serves 4 steps)")
     p.add_argument("--decoder-steps", type=int, default=110, help="latent decoder steps (batch 16)")
     p.add_argument("--distill-steps", type=int, default=10, help="consistency distillation steps (batch 16)")
     p.add_argument("--upsampler-steps", type=int, default=800, help="local upsampler steps (batch 32)")
@@ -105,10 +107,24 @@ def unet_dir(work: Path, alt_only: bool) -> Path:
     return work / ("unet_alt" if alt_only else "unet")
 
 
+# Twice the widths of unet_config "tiny": binding a colour and a shape to a place takes more than 32 channels.
+UNET_OVERRIDES = dict(block_out_channels=[64, 128], norm_num_groups=16, attention_head_dim=[2, 4])
+
+
 def stage_unet(args, work: Path) -> Path:
-    overrides = {"steps": _steps(args.unet_steps, args.scale), "ema_decay": 0.99, "log_every": 25,
-                 "task_options.vae": str(work / "vae" / "final"),
+    import torch
+
+    from dalle3_fast.models.unet import UNet
+    from dalle3_fast.models.unet_config import named_config
+
+    init = work / "unet_init"
+    if not (init / "config.json").is_file():
+        torch.manual_seed(args.seed)
+        UNet({**named_config("tiny"), **UNET_OVERRIDES}).save_pretrained(init)
+    overrides = {"steps": _steps(args.unet_steps, args.scale), "ema_decay": 0.995, "log_every": 25,
+                 "task_options.model": str(init), "task_options.vae": str(work / "vae" / "final"),
                  "task_options.text_encoder": "tiny", "task_options.buckets": [[64, 64]],
+                 "task_options.latent_reuse": 4,
                  "optimizer.lr": 1e-3, "optimizer.warmup_steps": 100, "optimizer.schedule": "cosine",
                  "optimizer.min_lr_ratio": 0.1}
     if args.alt_only:
@@ -144,6 +160,8 @@ def stage_upsampler(args, work: Path) -> Path:
 
 
 def stage_assemble(args, work: Path) -> Path:
+    import torch
+
     from dalle3_fast.diffusion import NoiseSchedule
     from dalle3_fast.models.latent_decoder import LatentDecoder
     from dalle3_fast.models.text_encoder import T5TextEncoder
@@ -171,7 +189,7 @@ def stage_assemble(args, work: Path) -> Path:
     out = Path(args.out)
     if out.exists():
         shutil.rmtree(out)
-    pipe.save_pretrained(out)
+    pipe.to(dtype=torch.float16).save_pretrained(out)  # half the package size; from_pretrained computes in fp32
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"[build] pipeline written to {out} ({size / 2**20:.1f} MiB)", file=sys.stderr)
     return out

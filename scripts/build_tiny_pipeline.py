@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-steps", type=int, default=3600, help="VAE optimizer steps (batch 16)")
     p.add_argument("--unet-steps", type=int, default=4000,
                    help="U-Net optimizer steps (batch 32; each encoded image batch serves 4 steps)")
-    p.add_argument("--decoder-steps", type=int, default=110, help="latent decoder steps (batch 16)")
-    p.add_argument("--distill-steps", type=int, default=10, help="consistency distillation steps (batch 16)")
+    p.add_argument("--decoder-steps", type=int, default=500, help="latent decoder steps (batch 16)")
+    p.add_argument("--distill-steps", type=int, default=20, help="consistency distillation steps (batch 16)")
     p.add_argument("--upsampler-steps", type=int, default=800, help="local upsampler steps (batch 32)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest on a machine whose cores are shared with other jobs")

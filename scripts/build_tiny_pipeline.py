@@ -174,7 +174,10 @@ def stage_assemble(args, work: Path) -> Path:
     sched = json.loads((unet_run / "final" / "scheduler_config.json").read_text())
     schedule = NoiseSchedule({"squaredcos_cap_v2": "cosine"}.get(sched["beta_schedule"], sched["beta_schedule"]),
                              sched["num_train_timesteps"], sched["beta_start"], sched["beta_end"])
-    text_encoder_dir = work / "unet" / "text_encoder"
+    # an alt-only run started before the DSC run had built its encoder made its own: use the one it trained with
+    text_encoder_dir = unet_run / "text_encoder"
+    if not (text_encoder_dir / "config.json").is_file():
+        text_encoder_dir = work / "unet" / "text_encoder"
     vae_dir = work / "vae" / "final"
     decoder_dir = work / "decoder_distill" / "final"
     upsampler_dir = work / "upsampler"

@@ -22,7 +22,7 @@ when the command is run again, e.g. to train only the alt-text-only U-Net afterw
 
 Deterministic: every stage is seeded (model init, data order and captions come from fixed seeds), so
 the same command on the same software gives the same weights up to floating-point summation order.
-The step counts default to about 90 minutes on a 2-core CPU: the VAE with both cores, then the two
+The step counts default to about 80 minutes on a 2-core CPU: the VAE with both cores, then the two
 U-Nets and the decoder as three one-thread processes side by side (README, "Retraining the embedded
 pipeline"); scale them with ``--scale``.
 """

@@ -53,13 +53,14 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for start in range(0, args.n, args.batch_size):
             images = [world_sample(args.seed, i, w, h)[0] for i in range(start, min(start + args.batch_size, args.n))]
+            truths = [detect(image) for image in images]
             x = from_pil(images)
             z = pipe.vae.encode(x).mode()
             for name, decode in decoders.items():
                 y = decode(z, torch.Generator().manual_seed(start)).clamp(-1, 1)
                 sums[name] += (((y - x) / 2) ** 2).mean(dim=(1, 2, 3)).sum().item()
-                for image, recon in zip(images, to_pil(y)):
-                    result = compare(detect(recon), detect(image))
+                for truth, recon in zip(truths, to_pil(y)):
+                    result = compare(detect(recon), truth)
                     for key in AGREEMENT:
                         agree[name][key] += bool(result.get(key, True))
     rows = {name: {"mse": total / args.n, "psnr_db": psnr(total / args.n),

@@ -1,25 +1,41 @@
-# dalle3_fast: `make install`, `make test`, `make demo`, `make bench`.
-PYTHON ?= python3
-PIP := $(PYTHON) -m pip
+# dalle3_fast: `make install`, `make test`, `make demo`, `make bench`, `make gpu-check`.
+#
+# Where it installs: inside an active virtual environment (VIRTUAL_ENV set) its python;
+# with PYTHON=... that interpreter; otherwise a project venv in .venv, created from python3
+# on first use. A fresh Debian's system python refuses `pip install` (PEP 668), so the
+# default never installs into it.
+VENV ?= .venv
+ifdef PYTHON
+  PY := $(PYTHON)
+else ifdef VIRTUAL_ENV
+  PY := $(VIRTUAL_ENV)/bin/python
+else
+  PY := $(VENV)/bin/python
+endif
+PIP := $(PY) -m pip
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
+
+$(VENV)/bin/python:
+	python3 -m venv $(VENV) || { echo "make: could not create $(VENV): install the venv module (Debian: apt-get install python3-venv) or pass PYTHON=/path/to/python" >&2; exit 2; }
 
 # torch is installed only when none is importable (then pinned to the CPU build that
 # lies on this class of machine); a user's own torch, CUDA or not, is kept.
-install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
+install: $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/bin/python)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==2.13.0"
 	$(PIP) install "setuptools>=64" wheel ninja   # the build tools --no-build-isolation expects to find
 	$(PIP) install -e ".[serve,export,test]" --no-build-isolation
-	@$(PYTHON) -c "import dalle3_fast.ops as o; print('dalle3_fast backends live:', ', '.join(o.available_backends()))"
+	@$(PY) -c "import dalle3_fast.ops as o; print('dalle3_fast backends live:', ', '.join(o.available_backends()))"
 
 test: install
-	$(PYTHON) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x --durations=15
 
 demo: install
-	$(PYTHON) -m dalle3_fast.sample --prompt "a red circle above a blue square" --seed 0 --out out/demo.png
+	$(PY) -m dalle3_fast.sample --prompt "a red circle above a blue square" --seed 0 --out out/demo.png
+	@echo "make demo: the image is $(CURDIR)/out/demo.png"
 
 bench: install
-	$(PYTHON) benchmarks/run.py --suite ops
+	$(PY) benchmarks/run.py --suite ops
 
 clean:
 	rm -rf build dalle3_fast/_C*.so *.egg-info

@@ -176,6 +176,15 @@ def summary_lines(state: dict) -> list[str]:
         sec = _fmt(st.get("seconds"), ".1f", 8)
         bud = _fmt(st.get("budget_s"), ".0f", 7)
         lines.append(f"  {name:<10} {st['status']:<8} {sec} {bud}  {st.get('note', '')[:90]}")
+    for run in state["stages"].get("tests", {}).get("runs", []):
+        counts = (f"{run.get('passed', 0)} passed, {run.get('failed', 0) + run.get('errors', 0)} failed, "
+                  f"{run.get('skipped', 0)} skipped" if "passed" in run else run.get("note", ""))
+        lines.append(f"  tests: {run['name']}: {run['status']} ({counts})")
+        for name in run.get("failures", [])[:10]:
+            lines.append(f"    FAILED {name}")
+    for case in state["stages"].get("sanitizer", {}).get("cases", []):
+        if case["status"] != "ok":
+            lines.append(f"  sanitizer {case['name']}: {case['status']} {case.get('note', '')}")
     spot = state["stages"].get("spot", {}).get("rows", [])
     bad = [r for r in spot if not r.get("ok")]
     if spot:

@@ -376,13 +376,8 @@ class Run:
     def sanitizer(self, budget: float) -> dict:
         import gpu_check_cases as cases  # noqa: PLC0415  (light: imports torch lazily)
 
+        commands = sanitizer_commands(sys.executable, cases.SANITIZE_CASES)
         names = list(cases.SANITIZE_CASES)
-        tool = shutil.which("compute-sanitizer")
-        # API calls that return an error (torch probes some on purpose) are not kernel memory errors.
-        base = ["compute-sanitizer", "--tool", "memcheck", "--report-api-errors", "no", "--error-exitcode", "1",
-                "--print-limit", "20"]
-        commands = {n: [*base, sys.executable, str(BENCH_DIR / "gpu_check_cases.py"), "sanitize", n]
-                    for n in names}
         st: dict = {"commands": {n: " ".join(c) for n, c in commands.items()}}
         if self.args.dry_run:
             for c in commands.values():
@@ -391,10 +386,10 @@ class Run:
             cmd = self.python(str(BENCH_DIR / "gpu_check_cases.py"), "sanitize", *names, "--device", "cpu")
             rc, seconds = run_logged(cmd, env=self.env, timeout=budget, log=self.log)
             ok = rc == 0
-            st["cases"] = [{"name": n, "status": "ok" if ok else "fail", "errors": None} for n in names]
+            st["cases"] = [{"name": n, "status": "ok" if ok else "fail", "errors": None} for n in commands]
             return {**st, "status": "ok" if ok else ("timeout" if rc is None else "fail"),
                     "note": f"dry run: {len(names)} snippets ran on the CPU backend" + ("" if ok else f"; exit {rc}")}
-        if tool is None:
+        if shutil.which("compute-sanitizer") is None:
             return {**st, "status": "skip", "note": "compute-sanitizer is not on PATH: memcheck not run"}
         env = {**self.env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # every tensor its own allocation: exact bounds
         from concurrent.futures import ThreadPoolExecutor
@@ -402,17 +397,17 @@ class Run:
         t_end = time.monotonic() + budget
         tmp = Path(tempfile.mkdtemp(prefix="gpu_check_sanitizer_"))
 
-        def one(name):  # each case logs to its own file (they run in parallel), appended to the log after
-            case_log = Log(tmp / f"{name}.log")
-            rc, seconds = run_logged(commands[name], env=env, timeout=max(1.0, t_end - time.monotonic()),
+        def one(key):  # each run logs to its own file (they run in parallel), appended to the log after
+            case_log = Log(tmp / f"{key.replace(':', '_')}.log")
+            rc, seconds = run_logged(commands[key], env=env, timeout=max(1.0, t_end - time.monotonic()),
                                      log=case_log)
-            return name, rc, seconds, case_log.path.read_text(errors="replace")
+            return key, rc, seconds, case_log.path.read_text(errors="replace")
 
         results = []
-        with ThreadPoolExecutor(max_workers=min(len(names), max(1, self.args.jobs // 2))) as pool:
-            for name, rc, seconds, text in pool.map(one, names):
+        with ThreadPoolExecutor(max_workers=min(len(commands), max(1, self.args.jobs // 2))) as pool:
+            for key, rc, seconds, text in pool.map(one, commands):
                 self.log.write(text)
-                results.append(classify_sanitizer(name, rc, seconds, text))
+                results.append(classify_sanitizer(key, rc, seconds, text))
         shutil.rmtree(tmp, ignore_errors=True)
         st["cases"] = results
         statuses = [r["status"] for r in results]
@@ -423,17 +418,36 @@ class Run:
                 + (f"; {', '.join(bad)}" if bad else "")}
 
 
-def classify_sanitizer(name: str, rc, seconds: float, text: str) -> dict:
-    """A case is clean when the sanitizer reports 0 errors and the snippet finished (it prints CASE-OK)."""
-    m = re.search(r"ERROR SUMMARY: (\d+) error", text)
+# racecheck (shared-memory hazards) on the kernels that stage tiles in shared memory; only our kernels.
+RACECHECK_CASES = ("gn_fused", "gn_channels_last", "attention_tc", "cross_attention_tc")
+
+
+def sanitizer_commands(python: str, cases) -> dict[str, list[str]]:
+    """'tool:case' -> command. memcheck checks every kernel of each case's run; racecheck ours only."""
+    # --report-api-errors no: API calls that return an error (torch probes some on purpose) are no memory error.
+    base = ["compute-sanitizer", "--report-api-errors", "no", "--error-exitcode", "1", "--print-limit", "20",
+            "--launch-timeout", "0"]
+    snippet = [python, str(BENCH_DIR / "gpu_check_cases.py"), "sanitize"]
+    commands = {f"memcheck:{n}": [*base[:1], "--tool", "memcheck", *base[1:], *snippet, n] for n in cases}
+    for n in RACECHECK_CASES:
+        commands[f"racecheck:{n}"] = [*base[:1], "--tool", "racecheck", "--kernel-name", "kns=dalle3_fast",
+                                      *base[1:], *snippet, n]
+    return commands
+
+
+def classify_sanitizer(key: str, rc, seconds: float, text: str) -> dict:
+    """A run is clean when the sanitizer reports 0 errors and the snippet finished (it prints CASE-OK)."""
+    name = key.split(":")[-1]
+    m = (re.search(r"ERROR SUMMARY: (\d+) error", text)
+         or re.search(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) error", text))
     errors = int(m.group(1)) if m else None
     finished = f"CASE-OK {name}" in text
-    r = {"name": name, "rc": rc, "seconds": round(seconds, 1), "errors": errors}
+    r = {"name": key, "rc": rc, "seconds": round(seconds, 1), "errors": errors}
     if rc is None:
         r.update(status="timeout", note="stopped at the stage budget")
     elif "Device not supported" in text or ("error 999" in text.lower() and not finished):
         r.update(status="skip", note="compute-sanitizer cannot attach to this device/runtime")
-    elif rc == 0 and finished and errors == 0:
+    elif rc == 0 and finished and (errors == 0 or errors is None and "racecheck" in key):
         r["status"] = "ok"
     else:
         r.update(status="fail", note=f"exit {rc}, {errors if errors is not None else '?'} sanitizer errors"

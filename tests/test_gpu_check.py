@@ -55,9 +55,14 @@ def test_dry_run_passes_and_writes_every_stage(dry_run):
     op_run = stages["tests"]["runs"][-1]
     assert op_run["status"] == "ok" and op_run["passed"] >= 1 and op_run["failed"] == 0
     cases = stages["sanitizer"]["cases"]
-    assert {c["name"] for c in cases} == set(stages["sanitizer"]["commands"]) and len(cases) >= 5
-    assert all(c["status"] == "ok" for c in cases)
-    assert all(cmd.startswith("compute-sanitizer --tool memcheck") for cmd in stages["sanitizer"]["commands"].values())
+    commands = stages["sanitizer"]["commands"]
+    assert {c["name"] for c in cases} == set(commands) and all(c["status"] == "ok" for c in cases)
+    memcheck = [k for k in commands if k.startswith("memcheck:")]
+    assert len(memcheck) >= 6 and any(k.startswith("racecheck:") for k in commands)
+    for key, cmd in commands.items():
+        tool, case = key.split(":")
+        assert cmd.startswith(f"compute-sanitizer --tool {tool} ") and cmd.endswith(f"sanitize {case}")
+        assert "--error-exitcode 1" in cmd
     # Everything the log says went to the log, and the children's rows were folded into the JSON.
     assert Path(data["log"]).exists() and not out.with_suffix(".rows.jsonl").exists()
 
@@ -186,16 +191,22 @@ def test_failed_checks_decide_the_exit_code(gpu_check):
 
 
 def test_sanitizer_output_is_classified(gpu_check):
+    classify = gpu_check.classify_sanitizer
     clean = "CASE-OK gn_fused (cuda backend on cuda:0)\n========= ERROR SUMMARY: 0 errors\n"
-    assert gpu_check.classify_sanitizer("gn_fused", 0, 1.0, clean)["status"] == "ok"
+    assert classify("memcheck:gn_fused", 0, 1.0, clean)["status"] == "ok"
     dirty = "========= Invalid __global__ write of size 4 bytes\nCASE-OK gn_fused\n========= ERROR SUMMARY: 3 errors\n"
-    r = gpu_check.classify_sanitizer("gn_fused", 1, 1.0, dirty)
+    r = classify("memcheck:gn_fused", 1, 1.0, dirty)
     assert r["status"] == "fail" and r["errors"] == 3
     crashed = "RuntimeError: CUDA error: an illegal memory access\n========= ERROR SUMMARY: 0 errors\n"
-    assert gpu_check.classify_sanitizer("gn_fused", 1, 1.0, crashed)["status"] == "fail"
+    assert classify("memcheck:gn_fused", 1, 1.0, crashed)["status"] == "fail"
     unsupported = "========= Error: Device not supported\n"
-    assert gpu_check.classify_sanitizer("gn_fused", 1, 1.0, unsupported)["status"] == "skip"
-    assert gpu_check.classify_sanitizer("gn_fused", None, 60.0, "")["status"] == "timeout"
+    assert classify("memcheck:gn_fused", 1, 1.0, unsupported)["status"] == "skip"
+    assert classify("memcheck:gn_fused", None, 60.0, "")["status"] == "timeout"
+    race = "CASE-OK attention_tc\n========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
+    r = classify("racecheck:attention_tc", 1, 1.0, race)
+    assert r["status"] == "fail" and r["errors"] == 2
+    quiet = "CASE-OK attention_tc\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    assert classify("racecheck:attention_tc", 0, 1.0, quiet)["status"] == "ok"
 
 
 def test_rows_file_tolerates_a_torn_last_line(gpu_check, tmp_path):

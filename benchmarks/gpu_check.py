@@ -497,9 +497,11 @@ def parse_args(argv=None):
         epilog="Results: benchmarks/results/<gpu-name>.json (and .log beside it); summary table on stdout. "
                "Exit 0: every check passed; 1: a check failed, timed out or could not run; 2: bad usage.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", metavar="FILE",
+    p.add_argument("--out", metavar="FILE|DIR/",
                    help="where the JSON goes (default benchmarks/results/<gpu-name-slug>.json; with --dry-run a "
-                        "temporary file). The log goes beside it as .log, the children's rows as .rows.jsonl")
+                        "temporary file); a directory (an existing one, or a path ending in /) gets "
+                        "<gpu-name-slug>.json inside. The log goes beside it as .log, the children's rows as "
+                        ".rows.jsonl while a stage runs")
     p.add_argument("--dry-run", action="store_true",
                    help="CPU mode for CI: every stage with CPU stand-ins, no GPU, no CUDA build")
     p.add_argument("--skip-build", action="store_true",
@@ -533,17 +535,22 @@ def resolve_device_and_paths(args) -> str:
     if args.dry_run:
         device = "dry-run-cpu"
         args.arch = args.arch or "9.0a"
-        if not args.out:
-            args.out = os.path.join(tempfile.mkdtemp(prefix="gpu_check_"), f"{device}.json")
+        args.out = out_path(args.out, device) if args.out else os.path.join(
+            tempfile.mkdtemp(prefix="gpu_check_"), f"{device}.json")
         return device
     if not torch.cuda.is_available():
         raise UsageError("no CUDA device is visible (torch.cuda.is_available() is False, torch "
                          f"{torch.__version__}); run on a GPU machine with a CUDA torch, or use --dry-run")
     device = torch.cuda.get_device_name(0)
     args.arch = args.arch or arch_for_capability(*torch.cuda.get_device_capability(0))
-    if not args.out:
-        args.out = str(BENCH_DIR / "results" / f"{slug(device)}.json")
+    args.out = out_path(args.out, device) if args.out else str(BENCH_DIR / "results" / f"{slug(device)}.json")
     return device
+
+
+def out_path(out: str, device: str) -> str:
+    if out.endswith(("/", os.sep)) or os.path.isdir(out):
+        return os.path.join(out, f"{slug(device)}.json")
+    return out
 
 
 def main(argv=None) -> int:

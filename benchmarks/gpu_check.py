@@ -148,8 +148,9 @@ def tool_version(cmd: list[str]) -> str | None:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"unreadable: {exc}"
-    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else ""
+    lines = [ln.strip() for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    release = [ln for ln in lines if "release" in ln]  # nvcc: "Cuda compilation tools, release 13.0, V13.0.88"
+    return (release or lines or [""])[-1]
 
 
 def describe_environment(args) -> dict:

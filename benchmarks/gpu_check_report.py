@@ -152,20 +152,37 @@ def _fmt(v, spec, width):
     return f"{v:{width}{spec}}" if v is not None else f"{'':>{width}}"
 
 
-def format_bench_row(r: dict) -> str:
-    rate = ""
+def format_impl(r: dict) -> str:
+    """'impl 1.234 ms 456 TF/s 2.1x' (GB/s and % of the copy bandwidth for bytes-bound rows), or its note."""
+    if r.get("ms") is None:
+        return f"{r['impl']} n/a ({(r.get('note') or '')[:60]})"
+    text = f"{r['impl']} {r['ms']:.3f} ms"
     if r.get("tflops") is not None:
-        rate = f"{r['tflops']:8.1f} TF/s"
+        text += f" {r['tflops']:.0f} TF/s"
     elif r.get("gbps") is not None:
-        rate = f"{r['gbps']:8.0f} GB/s"
+        text += f" {r['gbps']:.0f} GB/s"
         if r.get("fraction_of_copy") is not None:
-            rate += f" {100 * r['fraction_of_copy']:5.1f}%"
-    ms = _fmt(r.get("ms"), ".3f", 9) if r.get("ms") is not None else f"{'n/a':>9}"
-    sp = f"{r['speedup']:6.2f}x" if r.get("speedup") is not None else f"{'':>7}"
-    line = f"  {r['op'][:17]:<17} {r['case'][:42]:<42} {r['impl'][:24]:<24} {ms} {sp} {rate}"
-    if r.get("note"):
-        line += f"  [{r['note'][:70]}]"
-    return line
+            text += f" ({100 * r['fraction_of_copy']:.0f}%)"
+    if r.get("speedup") is not None and r["impl"] not in ("eager", "reference"):
+        text += f" {r['speedup']:.2f}x"
+    return text
+
+
+def bench_lines(rows: list[dict], width: int = 150) -> list[str]:
+    """One block per (op, case), its implementations in the order measured, wrapped at `width`."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["case"]), []).append(r)
+    lines = []
+    for (op, case), rs in groups.items():
+        line = f"  {op} {case}:"
+        for item in (format_impl(r) for r in rs):
+            if len(line) + len(item) + 3 > width:
+                lines.append(line)
+                line = "     "
+            line += f" | {item}" if not line.endswith(":") and line.strip() else f" {item}"
+        lines.append(line)
+    return lines
 
 
 def summary_lines(state: dict) -> list[str]:
@@ -198,11 +215,10 @@ def summary_lines(state: dict) -> list[str]:
     rows = [r for r in bench.get("rows", []) if r.get("kind") == "row"]
     if limits or rows:
         if limits:
-            lines.append(f"benchmarks ({limits.get('dtype', '')}): copy {limits.get('copy_GBps', 0):.0f} GB/s "
-                         f"(read + write), matmul {limits.get('matmul_TFLOPs', 0):.0f} TFLOP/s; "
-                         "speedup = eager ms / ms")
-        for r in rows:
-            lines.append(format_bench_row(r))
+            lines.append(f"benchmarks ({limits.get('dtype', '')}, median ms): copy {limits.get('copy_GBps', 0):.0f} "
+                         f"GB/s (read + write), matmul {limits.get('matmul_TFLOPs', 0):.0f} TFLOP/s; "
+                         "Nx = eager (or reference) ms / ms")
+        lines += bench_lines(rows)
     goals = state.get("goals", [])
     if goals:
         lines.append("goals (reported, not failing):")

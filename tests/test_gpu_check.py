@@ -214,3 +214,40 @@ def test_rows_file_tolerates_a_torn_last_line(gpu_check, tmp_path):
     rows.write_text(json.dumps({"stage": "bench", "kind": "row", "op": "a"}) + "\n"
                     + json.dumps({"stage": "spot", "kind": "row"}) + "\n" + '{"stage": "bench", "ki')
     assert gpu_check.report.read_rows(rows, "bench") == [{"stage": "bench", "kind": "row", "op": "a"}]
+
+
+def _run_obj(gpu_check, tmp_path, **overrides):
+    import argparse
+
+    args = argparse.Namespace(out=str(tmp_path / "x.json"), dry_run=False, skip_build=True, stages=["build"],
+                              budget_s=60, arch="9.0a", jobs=2)
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return gpu_check.Run(args)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU machine has live CUDA kernels")
+def test_build_without_live_cuda_kernels_fails(gpu_check, tmp_path):
+    """On this CPU-only machine the extension has no live CUDA backend: the build check must say so."""
+    run = _run_obj(gpu_check, tmp_path)
+    st = run.build(60)
+    assert st["status"] == "fail" and "does not load with CUDA kernels" in st["note"]
+    assert "reference" in st["live_backends"] and "cuda" not in st["live_backends"]
+
+
+def test_pytest_runs_are_judged_by_exit_code(gpu_check, tmp_path):
+    run = _run_obj(gpu_check, tmp_path)
+    ok = run._pytest("one", ["tests/test_gpu_check.py::test_arch_and_budgets"], 120, allow_none=False)
+    assert ok["status"] == "ok" and ok["passed"] == 1 and ok["failed"] == 0
+    none = run._pytest("none", ["-m", "no_such_marker_anywhere", "tests/test_gpu_check.py"], 120, allow_none=True)
+    assert none["status"] == "ok" and none["rc"] == 5
+    bad = run._pytest("bad", ["tests/test_gpu_check.py::no_such_test"], 120, allow_none=True)
+    assert bad["status"] == "fail"
+
+
+def test_a_child_past_its_budget_is_stopped(gpu_check, tmp_path):
+    log = gpu_check.Log(tmp_path / "t.log")
+    rc, seconds = gpu_check.run_logged([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+                                       env=dict(os.environ), timeout=2, log=log)
+    assert rc is None and seconds < 30
+    assert "up" in log.path.read_text() and "[exit timeout" in log.path.read_text()

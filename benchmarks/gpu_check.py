@@ -82,6 +82,9 @@ def child_env(dry_run: bool) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"
+    # The interpreter's own bin first: ninja installed beside torch there makes the build parallel
+    # (without it torch's BuildExtension compiles one file after another).
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if dry_run:
         env.setdefault("TRITON_INTERPRET", "1")
         env["OMP_NUM_THREADS"] = "1"  # tiny CPU work: threads only wait for each other on a shared box
@@ -164,6 +167,8 @@ def describe_environment(args) -> dict:
         "torch_cuda": torch.version.cuda,
         "cpu_count": os.cpu_count(),
         "nvcc": tool_version(["nvcc", "--version"]),
+        "ninja": tool_version([os.path.join(os.path.dirname(sys.executable), "ninja"), "--version"])
+        or tool_version(["ninja", "--version"]),
         "compute_sanitizer": shutil.which("compute-sanitizer"),
     }
     try:
@@ -392,6 +397,9 @@ class Run:
                     "note": f"dry run: {len(names)} snippets ran on the CPU backend" + ("" if ok else f"; exit {rc}")}
         if shutil.which("compute-sanitizer") is None:
             return {**st, "status": "skip", "note": "compute-sanitizer is not on PATH: memcheck not run"}
+        live = self.state["stages"].get("build", {}).get("live_backends")
+        if live is not None and "cuda" not in live:
+            return {**st, "status": "skip", "note": "no live CUDA kernels to check (see the build stage)"}
         env = {**self.env, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}  # every tensor its own allocation: exact bounds
         from concurrent.futures import ThreadPoolExecutor
 

@@ -32,11 +32,13 @@ def run_script(*args, timeout=240):
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    """One whole dry run (about 40 s of CPU: five child processes, tiny models traced by torch.compile)."""
     out = tmp_path_factory.mktemp("gpu_check") / "dry.json"
     proc = run_script("--dry-run", "--out", str(out))
     return proc, out
 
 
+@pytest.mark.slow
 def test_dry_run_passes_and_writes_every_stage(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -67,6 +69,7 @@ def test_dry_run_passes_and_writes_every_stage(dry_run):
     assert Path(data["log"]).exists() and not out.with_suffix(".rows.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_has_every_benchmark_row_and_goal(dry_run):
     _, out = dry_run
     data = json.loads(out.read_text())
@@ -93,6 +96,7 @@ def test_dry_run_has_every_benchmark_row_and_goal(dry_run):
         assert goals[name]["cases"] and goals[name]["met"] is not None, goals[name]
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_summary_last(dry_run):
     proc, out = dry_run
     lines = proc.stdout.strip().splitlines()

@@ -436,8 +436,12 @@ class AutoencoderKL(nn.Module):
 
         ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors`` instead.
         """
-        config = AutoencoderKLConfig.from_dict(io.read_config(directory))
-        model = cls(config)
+        try:
+            model = cls(AutoencoderKLConfig.from_dict(io.read_config(directory)))
+        except io.CheckpointError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise io.CheckpointError(f"{str(Path(directory) / io.CONFIG)!r}: {exc}") from exc
         path = Path(directory) / weights_file_name(variant)
         state = rename_legacy_attention_keys(io.load_safetensors(path))
         io.load_state_dict_strict(model, state, source=f"weights in {str(path)!r}")

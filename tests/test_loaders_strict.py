@@ -209,3 +209,13 @@ def test_captioner_refuses_damage(tmp_path):
     (d / "tokenizer" / "spiece.model").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="spiece.model"):
         load_captioner(d, torch.device("cpu"))
+
+
+def test_open_clip_scorer_refuses_pickled_checkpoints(tmp_path, monkeypatch):
+    from dalle3_fast.eval.clip_score import load_scorer
+
+    checkpoint = tmp_path / "clip.pt"
+    torch.save({"w": torch.zeros(1)}, checkpoint)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+    with pytest.raises(CheckpointError, match="never loaded"):
+        load_scorer(f"open_clip:ViT-B-32:{checkpoint}")

@@ -3,7 +3,6 @@
 Damage: a missing, an unexpected or a mis-shaped tensor; a truncated, corrupt or empty weights file;
 pickled weights only (never unpickled); missing or corrupt tokenizer files.
 """
-import json
 import shutil
 import subprocess
 import sys

@@ -96,19 +96,33 @@ class Dalle3Pipeline:
             if not index.get(part):
                 raise CheckpointError(f"{directory / MODEL_INDEX} names no {part!r}; a pipeline needs text_encoder, "
                                       "unet and vae")
-        text_encoder = T5TextEncoder.from_pretrained(directory / index["text_encoder"])
-        unet = UNet.from_pretrained(directory / index["unet"])
-        vae = AutoencoderKL.from_pretrained(directory / index["vae"])
-        decoder = LatentDecoder.from_pretrained(directory / index["decoder"]) if index.get("decoder") else None
-        upsampler = None
-        if index.get("upsampler"):
-            from dalle3_fast.upsample import LocalUpsampler
+        from dalle3_fast.upsample import LocalUpsampler
 
-            upsampler = LocalUpsampler.from_pretrained(directory / index["upsampler"])
-        pipe = cls(text_encoder, unet, vae, decoder=decoder, upsampler=upsampler,
-                   schedule=NoiseSchedule.from_config(index.get("scheduler", {})),
-                   prediction_type=index.get("prediction_type", "epsilon"),
-                   defaults=index.get("defaults"), sizes=index.get("sizes"))
+        def part(name, loader):
+            if not index.get(name):
+                return None
+            if not isinstance(index[name], str):
+                raise CheckpointError(f"{directory / MODEL_INDEX}: {name!r} must name a sub-directory, got {index[name]!r}")
+            try:
+                return loader(directory / index[name])
+            except CheckpointError:
+                raise
+            except (ValueError, TypeError, KeyError, OSError) as exc:  # e.g. a config the model refuses
+                detail = " ".join(str(exc).split()) or type(exc).__name__
+                raise CheckpointError(f"the {name} in {str(directory / index[name])!r} cannot be loaded: "
+                                      f"{detail}") from exc
+
+        parts = {name: part(name, loader) for name, loader in (
+            ("text_encoder", T5TextEncoder.from_pretrained), ("unet", UNet.from_pretrained),
+            ("vae", AutoencoderKL.from_pretrained), ("decoder", LatentDecoder.from_pretrained),
+            ("upsampler", LocalUpsampler.from_pretrained))}
+        try:
+            pipe = cls(parts["text_encoder"], parts["unet"], parts["vae"], decoder=parts["decoder"],
+                       upsampler=parts["upsampler"], schedule=NoiseSchedule.from_config(index.get("scheduler", {})),
+                       prediction_type=index.get("prediction_type", "epsilon"),
+                       defaults=index.get("defaults"), sizes=index.get("sizes"))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{directory / MODEL_INDEX} is not a valid pipeline index: {exc}") from exc
         return pipe.to(device, dtype)
 
     def save_pretrained(self, directory) -> None:

@@ -8,8 +8,15 @@ sample plus a ``.dsc`` (or ``.ssc``) text member (and the field in ``.json`` wit
 
 Resumable: an output shard is written to a temp file and renamed when complete, so a rerun after a
 crash or kill -9 skips finished shards and redoes the interrupted one, losing or duplicating nothing.
+An input shard that is missing, not a tar or truncated fails: it gets no output shard, so a rerun
+after it is repaired captions it whole. Samples whose image does not decode are skipped.
+Failed shards and skipped samples are named on stderr (the first few, and how many) and in
+OUTPUT/_recaption/: rank-R-of-W.json (the last run) and history-rank-R-of-W.jsonl (one line per run).
 Distributed: under torchrun (RANK / WORLD_SIZE), rank r takes input shards r::world_size; ranks meet
-at a barrier at the end. Samples whose image does not decode are skipped and counted.
+at a barrier at the end.
+
+Exit status: 0 when every shard of this rank is done; 1 when some input shards failed (repair them and
+rerun: finished shards are kept); 2 on a usage error or a captioner that cannot be loaded.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import sys
 import threading
 import time
 import zlib
+from datetime import datetime, timezone
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +38,13 @@ from tqdm import tqdm
 
 from .data.buckets import Bucket, image_to_tensor, resize_to_bucket
 from .data.shards import CorruptSample, ShardStats, ShardWriter, expand_shards, iter_samples, remove_stale_temp_files
-from .io import CheckpointError, atomic_write_bytes
+from .io import CheckpointError, append_line, atomic_write_bytes
 
 STYLES = ("dsc", "ssc")
 METHODS = ("greedy", "beam", "nucleus")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPORT_DIR = "_recaption"
+SHOWN = 5  # names printed on stderr per list; the report holds them all
 
 
 @dataclass
@@ -44,17 +53,48 @@ class RecaptionReport:
     world_size: int = 1
     shards_written: list[str] = field(default_factory=list)
     shards_skipped: list[str] = field(default_factory=list)  # already complete from an earlier run
-    shards_failed: list[str] = field(default_factory=list)  # missing or not a tar: no output written
-    captioned: int = 0
+    shards_failed: list[str] = field(default_factory=list)  # missing, not a tar or truncated: no output written
+    failures: dict[str, str] = field(default_factory=dict)  # failed shard -> why
+    samples_skipped: list[str] = field(default_factory=list)  # "SHARD:KEY (why)" in written shards (first 1000)
+    samples_skipped_count: int = 0
+    captioned: int = 0  # images in the shards written
+    started: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     seconds: float = 0.0
     stats: ShardStats = field(default_factory=ShardStats)
 
+    def fail(self, name: str, why: str) -> None:
+        self.shards_failed.append(name)
+        self.failures[name] = why
+
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "world_size": self.world_size, "shards_written": self.shards_written,
-                "shards_skipped": self.shards_skipped, "shards_failed": self.shards_failed,
+        return {"rank": self.rank, "world_size": self.world_size, "started": self.started,
+                "shards_written": self.shards_written, "shards_skipped": self.shards_skipped,
+                "shards_failed": self.shards_failed, "failures": self.failures,
+                "samples_skipped": self.samples_skipped, "samples_skipped_count": self.samples_skipped_count,
                 "captioned": self.captioned,
                 "seconds": round(self.seconds, 3), "images_per_second": round(self.captioned / self.seconds, 2)
                 if self.seconds else None, "read": self.stats.as_dict(), "errors": self.stats.errors}
+
+    def summary_lines(self) -> list[str]:
+        """The names on stderr: shards already done, failed shards (why), skipped samples; first few + count."""
+        def names(items: list[str], total: int | None = None) -> str:
+            total = len(items) if total is None else total
+            more = total - min(len(items), SHOWN)
+            return ", ".join(items[:SHOWN]) + (f", and {more} more" if more > 0 else "")
+
+        def n(count: int, what: str) -> str:
+            return f"{count} {what}{'' if count == 1 else 's'}"
+
+        lines = []
+        if self.shards_skipped:
+            lines.append(f"{n(len(self.shards_skipped), 'shard')} already done, kept: {names(self.shards_skipped)}")
+        if self.shards_failed:
+            lines.append(f"{n(len(self.shards_failed), 'shard')} failed, no output written (repair and rerun): "
+                         + names([f"{s} ({self.failures.get(s, '?')})" for s in self.shards_failed]))
+        if self.samples_skipped_count:
+            lines.append(f"{n(self.samples_skipped_count, 'sample')} skipped: "
+                         + names(self.samples_skipped, self.samples_skipped_count))
+        return lines
 
 
 DEFAULT_CAPTIONER = Path(__file__).resolve().parent / "assets" / "captioner_dsc"
@@ -190,9 +230,12 @@ def recaption(model, shards: str | list[str], output, *, style: str = "dsc", bat
             generator = torch.Generator(device=device).manual_seed(_shard_seed(seed, name))
         if not os.path.isfile(shard):
             report.stats.note("missing_shards", f"shard {shard} does not exist")
-            report.shards_failed.append(name)
+            report.fail(name, "missing")
             continue
-        unreadable_before = report.stats.unreadable_shards
+        unreadable_before, truncated_before = report.stats.unreadable_shards, report.stats.truncated_shards
+        named_before = len(report.stats.skipped_samples)
+        skipped_before = report.stats.incomplete_samples + report.stats.corrupt_images
+        captioned = 0
         writer = ShardWriter(target)
         try:
             # decoding the next batch overlaps with captioning this one
@@ -206,21 +249,30 @@ def recaption(model, shards: str | list[str], output, *, style: str = "dsc", bat
                         except CorruptSample as exc:  # keep the original bytes untouched
                             report.stats.note("corrupt_members", str(exc))
                     writer.write(sample.key, members)
-                report.captioned += len(batch)
+                captioned += len(batch)
                 bar.update(len(batch))
         except BaseException:
             writer.discard()
             raise
-        if report.stats.unreadable_shards > unreadable_before:
-            writer.discard()  # not a tar at all: leave no output, so it is retried once replaced
-            report.shards_failed.append(name)
+        # not a tar, or truncated (the samples after the damage are lost): leave no output, so the shard is
+        # retried whole once repaired, instead of a complete-looking shard that a rerun would skip
+        why = ("not a readable tar" if report.stats.unreadable_shards > unreadable_before else
+               "truncated" if report.stats.truncated_shards > truncated_before else None)
+        if why:
+            writer.discard()
+            report.fail(name, why)
             continue
-        writer.close()  # a truncated input keeps the samples before the damage (counted in the stats)
+        writer.close()
         report.shards_written.append(name)
+        report.captioned += captioned
+        report.samples_skipped.extend(report.stats.skipped_samples[named_before:])
+        report.samples_skipped_count += report.stats.incomplete_samples + report.stats.corrupt_images - skipped_before
     bar.close()
     report.seconds = time.perf_counter() - start
-    report_path = output / REPORT_DIR / f"rank-{rank:05d}-of-{world_size:05d}.json"
-    atomic_write_bytes(report_path, (json.dumps(report.as_dict(), indent=2) + "\n").encode())
+    stem = f"rank-{rank:05d}-of-{world_size:05d}"
+    record = report.as_dict()
+    atomic_write_bytes(output / REPORT_DIR / f"{stem}.json", (json.dumps(record, indent=2) + "\n").encode())
+    append_line(output / REPORT_DIR / f"history-{stem}.jsonl", json.dumps(record))  # every run, never rewritten
     return report
 
 
@@ -293,14 +345,19 @@ def main(argv=None) -> int:
             torch.distributed.destroy_process_group()
         return 2
     rate = report.captioned / report.seconds if report.seconds else 0.0
-    failed = f", {len(report.shards_failed)} missing or unreadable" if report.shards_failed else ""
+    failed = f", {len(report.shards_failed)} failed" if report.shards_failed else ""
     print(f"rank {rank}/{world_size}: captioned {report.captioned} images into {len(report.shards_written)} shards "
           f"({len(report.shards_skipped)} already done{failed}) at {rate:.1f} images/s; read {report.stats}",
           file=sys.stderr)
+    for line in report.summary_lines():
+        print(f"rank {rank}/{world_size}: {line}", file=sys.stderr)
+    if report.shards_failed or report.samples_skipped_count:
+        print(f"rank {rank}/{world_size}: names and reasons in {Path(args.output) / REPORT_DIR} "
+              f"(history-rank-{rank:05d}-of-{world_size:05d}.jsonl keeps every run)", file=sys.stderr)
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return 0
+    return 1 if report.shards_failed else 0
 
 
 if __name__ == "__main__":

@@ -148,22 +148,31 @@ class LocalUpsampler:
 
     @classmethod
     def from_pretrained(cls, directory) -> "LocalUpsampler":
-        from transformers import T5ForConditionalGeneration
+        """Load strictly (config.json + model.safetensors + tokenizer/): damage is a ``CheckpointError``."""
+        from transformers import GenerationConfig, T5ForConditionalGeneration
 
-        from dalle3_fast.models.tokenizer import load_tokenizer
+        from dalle3_fast.io import read_config
+        from dalle3_fast.models.t5_loading import load_t5
+        from dalle3_fast.models.tokenizer import load_model_tokenizer
 
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{str(directory)!r} is not an upsampler directory (config.json is missing); "
                                   "make one with LocalUpsampler.save_pretrained")
-        settings = {}
-        if (directory / SETTINGS_FILE).is_file():
-            settings = json.loads((directory / SETTINGS_FILE).read_text())
-        try:
-            model = T5ForConditionalGeneration.from_pretrained(str(directory), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot load the upsampler in {str(directory)!r}: {exc}") from exc
-        return cls(model, load_tokenizer(directory / TOKENIZER_DIR), **settings)
+        settings = read_config(directory, SETTINGS_FILE) if (directory / SETTINGS_FILE).is_file() else {}
+        unknown = sorted(set(settings) - {"max_input_tokens", "max_new_tokens"})
+        if unknown or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in settings.values()):
+            raise CheckpointError(f"{str(directory / SETTINGS_FILE)!r} must hold positive ints max_input_tokens and "
+                                  f"max_new_tokens only, got {settings}")
+        model = load_t5(T5ForConditionalGeneration, directory)
+        if (directory / "generation_config.json").is_file():
+            read_config(directory, "generation_config.json")  # a readable JSON object, or a CheckpointError
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(str(directory), local_files_only=True)
+            except (OSError, ValueError, TypeError) as exc:
+                raise CheckpointError(f"{str(directory / 'generation_config.json')!r} is not a valid generation "
+                                      f"config ({exc})") from exc
+        return cls(model, load_model_tokenizer(directory / TOKENIZER_DIR), **settings)
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)
@@ -268,6 +277,9 @@ def main(argv=None) -> int:
                                    model=args.model, api_key=args.api_key)
         for revised in upsampler.upsample(args.prompt):
             print(revised)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, RuntimeError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -151,7 +151,7 @@ def test_t5_with_transformers_tokenizer(tokenizer, tmp_path):
 
 
 def test_t5_missing_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="google/t5-v1_1-xxl.*nothing is downloaded"):
+    with pytest.raises(CheckpointError, match="google/t5-v1_1-xxl.*nothing is downloaded"):
         T5TextEncoder.from_pretrained("google/t5-v1_1-xxl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="config.json"):

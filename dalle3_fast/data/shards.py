@@ -23,9 +23,12 @@ from typing import Iterable, Iterator, Sequence
 from braceexpand import braceexpand
 from PIL import Image
 
+from dalle3_fast.io import fsync_dir
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 DEFAULT_SHARD_SIZE = 10_000
 _MAX_ERRORS_KEPT = 20
+_MAX_NAMES_KEPT = 1000
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -57,25 +60,30 @@ class ShardStats:
     corrupt_images: int = 0
     corrupt_members: int = 0  # e.g. a json that does not parse
     errors: list[str] = field(default_factory=list)
+    skipped_samples: list[str] = field(default_factory=list)  # "SHARD:KEY (why)", the first 1000
 
     @property
     def skipped(self) -> int:
         return self.incomplete_samples + self.corrupt_images + self.corrupt_members
 
-    def note(self, counter: str, message: str) -> None:
+    def note(self, counter: str, message: str, sample: str | None = None) -> None:
+        """Count one problem; ``sample`` ("SHARD:KEY (why)") names a sample that was skipped for it."""
         setattr(self, counter, getattr(self, counter) + 1)
         if len(self.errors) < _MAX_ERRORS_KEPT:
             self.errors.append(message)
+        if sample is not None and len(self.skipped_samples) < _MAX_NAMES_KEPT:
+            self.skipped_samples.append(sample)
 
     def merge(self, other: "ShardStats") -> "ShardStats":
         for name in ("shards", "samples", "missing_shards", "unreadable_shards", "truncated_shards",
                      "incomplete_samples", "corrupt_images", "corrupt_members"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.errors.extend(other.errors[: max(0, _MAX_ERRORS_KEPT - len(self.errors))])
+        self.skipped_samples.extend(other.skipped_samples[: max(0, _MAX_NAMES_KEPT - len(self.skipped_samples))])
         return self
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "errors"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("errors", "skipped_samples")}
 
     def __str__(self) -> str:
         bad = ", ".join(f"{k} {v}" for k, v in self.as_dict().items() if k not in ("shards", "samples") and v)
@@ -155,7 +163,8 @@ def iter_shard(path: str, stats: ShardStats | None = None) -> Iterator[Sample]:
             stats.note("unreadable_shards", f"shard {path} is not a readable tar ({exc})")
         else:
             stats.note("truncated_shards", f"shard {path} is truncated after {key!r} ({exc})")
-            stats.note("incomplete_samples", f"sample {key!r} in {path} cut off by truncation")
+            stats.note("incomplete_samples", f"sample {key!r} in {path} cut off by truncation",
+                       f"{path}:{key} (cut off by truncation)")
         return
     if key is not None:
         yield Sample(key, members, path)
@@ -180,14 +189,15 @@ def iter_samples(shards: Iterable[str] | str, stats: ShardStats | None = None, *
     for path in paths:
         for sample in iter_shard(path, stats):
             if sample.image_extension is None:
-                stats.note("incomplete_samples", f"sample {sample.key!r} in {path} has no image")
+                stats.note("incomplete_samples", f"sample {sample.key!r} in {path} has no image",
+                           f"{path}:{sample.key} (no image)")
                 continue
             image = None
             if decode_image:
                 try:
                     image = sample.image()
                 except CorruptSample as exc:
-                    stats.note("corrupt_images", str(exc))
+                    stats.note("corrupt_images", str(exc), f"{path}:{sample.key} (image does not decode)")
                     continue
             stats.samples += 1
             yield sample, image
@@ -247,6 +257,7 @@ class ShardWriter:
         self._file.close()
         os.chmod(self._tmp, 0o644)  # mkstemp makes 0600
         os.replace(self._tmp, self.path)
+        fsync_dir(self.path.parent)  # the rename itself survives a power cut
 
     def discard(self) -> None:
         try:

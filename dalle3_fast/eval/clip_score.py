@@ -39,13 +39,23 @@ class OpenClipScorer(ClipScorer):
     STD = (0.26862954, 0.26130258, 0.27577711)
 
     def __init__(self, arch: str, checkpoint, device="cpu"):
+        from dalle3_fast.io import CheckpointError
+
+        if Path(checkpoint).suffix != ".safetensors":  # open_clip would unpickle anything else
+            raise CheckpointError(f"--scorer open_clip checkpoint {str(checkpoint)!r} is not a .safetensors file: "
+                                  "pickled checkpoints are never loaded; convert it to safetensors")
         try:
             import open_clip
         except ImportError as exc:
             raise ValueError("--scorer open_clip:... needs open_clip (pip install open_clip_torch)") from exc
         if not Path(checkpoint).is_file():
             raise FileNotFoundError(f"--scorer open_clip checkpoint {str(checkpoint)!r} does not exist")
-        self.model = open_clip.create_model(arch, pretrained=str(checkpoint), device=device).eval()
+        try:  # open_clip loads .safetensors with safetensors and strict=True
+            self.model = open_clip.create_model(arch, pretrained=str(checkpoint), device=device).eval()
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            detail = " ".join(str(exc).split())
+            raise CheckpointError(f"--scorer open_clip checkpoint {str(checkpoint)!r} does not load into "
+                                  f"{arch}: {detail}") from exc
         self.tokenizer = open_clip.get_tokenizer(arch)
         self.size = self.model.visual.image_size
         self.size = self.size[0] if isinstance(self.size, (tuple, list)) else self.size

@@ -162,8 +162,13 @@ def default_pipeline_dir() -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from dalle3_fast.io import CheckpointError
+
     try:
         run(args)
+    except CheckpointError as exc:  # a damaged pipeline directory
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, RuntimeError, AssertionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

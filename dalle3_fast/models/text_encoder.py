@@ -19,9 +19,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dalle3_fast.io import CheckpointError, atomic_write_bytes
+from dalle3_fast.io import CheckpointError, atomic_write_bytes, read_config
 from dalle3_fast.models.tokenizer import (
-    HFTokenizer, SentencePieceTokenizer, TokenizedBatch, check_truncation, load_tokenizer,
+    HFTokenizer, SentencePieceTokenizer, TokenizedBatch, check_truncation, load_model_tokenizer,
 )
 
 DEFAULT_MAX_TOKENS = 256
@@ -86,36 +86,40 @@ class T5TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, *, tokenizer_directory=None, max_tokens: int | None = None,
                         dtype: torch.dtype | None = None, device=None) -> "T5TextEncoder":
-        """Load from a local directory (never downloads). ``tokenizer_directory`` defaults to ``DIR/tokenizer``
-        when it exists, else ``DIR`` itself (the layout of a transformers T5 checkpoint)."""
+        """Load from a local directory (never downloads), strictly: config.json + model.safetensors (or its
+        sharded index) must give every tensor of the encoder with its shape, and nothing else (a whole
+        T5ForConditionalGeneration checkpoint is fine); anything else is a ``CheckpointError``.
+        ``tokenizer_directory`` defaults to ``DIR/tokenizer`` when it exists, else ``DIR`` itself (the
+        layout of a transformers T5 checkpoint)."""
         from transformers import T5EncoderModel
+
+        from dalle3_fast.models.t5_loading import load_t5
 
         directory = Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"text encoder directory {str(directory)!r} does not exist; pass a local "
-                                    "directory holding a T5 checkpoint (config.json + weights); nothing is downloaded")
+            raise CheckpointError(f"text encoder directory {str(directory)!r} does not exist; pass a local "
+                                  "directory holding a T5 checkpoint (config.json + weights); nothing is downloaded")
         if not (directory / "config.json").is_file():
             raise CheckpointError(f"{str(directory / 'config.json')!r} is missing; {str(directory)!r} is not a "
                                   "transformers T5 checkpoint")
         if tokenizer_directory is None:
             tokenizer_directory = directory / TOKENIZER_DIR if (directory / TOKENIZER_DIR).is_dir() else directory
-        tokenizer = load_tokenizer(tokenizer_directory)
-        settings_path = directory / SETTINGS_FILE
+        tokenizer = load_model_tokenizer(tokenizer_directory)
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_TOKENS
-            if settings_path.is_file():
-                max_tokens = int(json.loads(settings_path.read_text())["max_tokens"])
-        kwargs = {"local_files_only": True}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        try:
-            model = T5EncoderModel.from_pretrained(str(directory), **kwargs)
-        except OSError as exc:
-            raise CheckpointError(f"cannot load a T5 encoder from {str(directory)!r}: {exc}") from exc
-        model.eval()
+            if (directory / SETTINGS_FILE).is_file():
+                settings = read_config(directory, SETTINGS_FILE)
+                max_tokens = settings.get("max_tokens")
+                if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+                    raise CheckpointError(f"{str(directory / SETTINGS_FILE)!r}: max_tokens must be an int, got "
+                                          f"{max_tokens!r}")
+        model = load_t5(T5EncoderModel, directory, dtype=dtype)
         if device is not None:
             model.to(device)
-        return cls(model, tokenizer, max_tokens)
+        try:
+            return cls(model, tokenizer, max_tokens)
+        except ValueError as exc:
+            raise CheckpointError(f"{str(directory)!r}: {exc}") from exc
 
     def save_pretrained(self, directory) -> None:
         directory = Path(directory)

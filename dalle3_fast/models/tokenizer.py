@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from dalle3_fast.io import atomic_write_bytes
+from dalle3_fast.io import CheckpointError, atomic_write_bytes
 
 SPM_FILE = "spiece.model"
 MARKER_FILE = "dalle3_tokenizer.json"
@@ -264,6 +264,18 @@ def load_tokenizer(directory) -> SentencePieceTokenizer | HFTokenizer:
         return HFTokenizer.from_pretrained(directory)
     raise FileNotFoundError(f"no tokenizer in {str(directory)!r}: expected {MARKER_FILE} + {SPM_FILE} "
                             f"(ours) or one of {', '.join(hf_files)} (transformers)")
+
+
+def load_model_tokenizer(directory) -> SentencePieceTokenizer | HFTokenizer:
+    """``load_tokenizer`` for the tokenizer of a model directory: a missing or unreadable file is a
+    ``CheckpointError`` (the model directory is incomplete or corrupt)."""
+    try:
+        return load_tokenizer(directory)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # sentencepiece, tokenizers and transformers raise many types for bad files
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"the tokenizer in {str(directory)!r} cannot be loaded: {detail}") from exc
 
 
 def _caller_stacklevel() -> int:

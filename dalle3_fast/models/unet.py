@@ -154,7 +154,11 @@ class UNet(nn.Module):
         name = config.get("_class_name", unet_config.DIFFUSERS_CLASS)
         if name != unet_config.DIFFUSERS_CLASS:
             raise io.CheckpointError(f"{str(directory)!r} holds a {name}, not a {unet_config.DIFFUSERS_CLASS}")
-        model = cls(config)
+        try:
+            model = cls(config)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise io.CheckpointError(f"{str(directory / io.CONFIG)!r} does not describe a loadable U-Net: "
+                                     f"{exc}") from exc
         model.load_state_dict_strict(cls._read_weights(directory, variant), source=f"weights in {str(directory)!r}")
         return model.to(device=device, dtype=dtype or torch.float32)
 
@@ -176,7 +180,7 @@ class UNet(nn.Module):
                     state.update(io.load_safetensors(directory / shard))
                 return state
         wanted = ", ".join(_variant_name(WEIGHTS_NAME, v) for v in candidates)
-        raise io.CheckpointError(f"no U-Net weights in {str(directory)!r}: expected {wanted} (or a sharded index)")
+        raise io.no_weights_error(directory, f"{wanted} (or a sharded index)", "U-Net weights")
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Load diffusers-named tensors; missing, unexpected or mis-shaped ones are one clear error."""

@@ -238,12 +238,16 @@ _PASSTHROUGH_KEYS = {"latents_mean", "latents_std"}
 
 @dataclass
 class AutoencoderKLConfig:
-    """The supported subset of diffusers' AutoencoderKL config."""
+    """The supported subset of diffusers' AutoencoderKL config.
+
+    Defaults are diffusers' (its ``AutoencoderKL.__init__``), so a config.json that leaves a field out
+    builds the network diffusers builds from it; Stable Diffusion's VAE is ``vae_config("sd")``.
+    """
 
     in_channels: int = 3
     out_channels: int = 3
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
@@ -251,7 +255,7 @@ class AutoencoderKLConfig:
     mid_block_add_attention: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
-    sample_size: int = 512
+    sample_size: int = 32
     force_upcast: bool = True
     extra: dict = field(default_factory=dict, repr=False)  # ignored diffusers keys, written back on save
 
@@ -432,8 +436,12 @@ class AutoencoderKL(nn.Module):
 
         ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors`` instead.
         """
-        config = AutoencoderKLConfig.from_dict(io.read_config(directory))
-        model = cls(config)
+        try:
+            model = cls(AutoencoderKLConfig.from_dict(io.read_config(directory)))
+        except io.CheckpointError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise io.CheckpointError(f"{str(Path(directory) / io.CONFIG)!r}: {exc}") from exc
         path = Path(directory) / weights_file_name(variant)
         state = rename_legacy_attention_keys(io.load_safetensors(path))
         io.load_state_dict_strict(model, state, source=f"weights in {str(path)!r}")

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from ..io import CheckpointError
 from .config import ConfigError, load_config
@@ -47,6 +48,12 @@ def main(argv=None) -> int:
         from .config import build_dataclass
         from .task import resolve_task
         build_dataclass(resolve_task(cfg.task).Options, cfg.task_options, prefix="task_options.")  # fail early
+        out = Path(cfg.out_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"out_dir {str(out)!r} cannot be a directory ({exc.strerror or exc}); "
+                              "choose another --out") from exc
         summary = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -54,6 +61,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:  # bad data paths, model options the task refused
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file the run reads or writes (disk full, permissions, a path that is a file)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary))
     return 0

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import CheckpointError
+from ..io import CheckpointError, fsync_dir, fsync_file
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -96,6 +96,7 @@ def _write_json(path: Path, obj) -> None:
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    fsync_file(path)
 
 
 def step_dir_name(step: int) -> str:
@@ -135,8 +136,12 @@ def write_main_files(tmp: Path, *, model: dict, ema: dict | None, optimizer: dic
 
 
 def commit_save(root: Path, step: int, keep: int) -> Path:
-    """Rename the finished temp directory into place, then drop all but the newest ``keep``."""
+    """Rename the finished temp directory into place, then drop all but the newest ``keep``.
+
+    Every file was fsynced when written; the temp directory is fsynced before the rename and ``root``
+    after it, so a power cut leaves either no checkpoint or a whole one."""
     tmp, final = temp_dir(root, step), root / step_dir_name(step)
+    fsync_dir(tmp)
     if final.exists():  # only when a step is reached twice; move the old one aside first
         old = root / f".old-{final.name}"
         shutil.rmtree(old, ignore_errors=True)
@@ -145,13 +150,12 @@ def commit_save(root: Path, step: int, keep: int) -> Path:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    for stale in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(stale)
+    fsync_dir(root)
+    stale = list_checkpoints(root)[:-keep]
+    for path in stale:
+        shutil.rmtree(path)
+    if stale:
+        fsync_dir(root)
     return final
 
 

@@ -22,7 +22,7 @@ from .distributed import (DistInfo, all_reduce_mean, barrier, destroy_on_exit, f
                           init_distributed, wrap_model)
 from .ema import EMA
 from .images import save_grid
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, trim_step_log
 from .prefetch import Prefetcher
 from .task import Task, TaskContext, build_task
 
@@ -149,6 +149,9 @@ def _train(cfg: TrainConfig, info: DistInfo, cleanup: ExitStack, *, resume: bool
         data = cleanup.enter_context(Prefetcher(data, cfg.prefetch))
     samples_per_step = cfg.batch_size * cfg.grad_accum * info.world_size
     logger = MetricsLogger(out, start if loaded is not None else None) if info.is_main else None
+    if info.is_main:  # sample logs a task appends to (e.g. samples/captions.jsonl): this run re-logs past start
+        for log in sorted((out / "samples").glob("*.jsonl")):
+            trim_step_log(log, start)
 
     def save(step: int) -> Path | None:
         model_state = _strip(get_model_state_dict(module, options=FULL))

@@ -29,7 +29,7 @@ from dalle3_fast.models.captioner.config import CoCaConfig
 from dalle3_fast.models.captioner.image_encoder import VisionTransformer
 from dalle3_fast.models.captioner.loss import caption_loss, contrastive_loss
 from dalle3_fast.models.captioner.text_decoder import MultimodalDecoder, UnimodalDecoder
-from dalle3_fast.models.tokenizer import SentencePieceTokenizer, TokenizedBatch, check_truncation, load_tokenizer
+from dalle3_fast.models.tokenizer import SentencePieceTokenizer, TokenizedBatch, check_truncation, load_model_tokenizer
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -302,9 +302,12 @@ class CoCa(nn.Module):
         if data.get("model_type") != MODEL_TYPE:
             raise model_io.CheckpointError(f"{str(directory)!r} holds a {data.get('model_type')!r} model, "
                                            f"not a CoCa captioner ({MODEL_TYPE!r})")
-        config = CoCaConfig.from_dict(data)
-        tokenizer = load_tokenizer(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
-        model = cls(config, tokenizer)
+        tokenizer = load_model_tokenizer(directory / TOKENIZER_DIR) if (directory / TOKENIZER_DIR).is_dir() else None
+        try:
+            model = cls(CoCaConfig.from_dict(data), tokenizer)
+        except (ValueError, TypeError) as exc:
+            raise model_io.CheckpointError(f"{str(directory / model_io.CONFIG)!r} does not describe a loadable "
+                                           f"captioner: {exc}") from exc
         model_io.load_weights_into(model, directory, WEIGHTS)
         model.eval()
         if device is not None or dtype is not None:

@@ -270,11 +270,21 @@ HOSTILE = {
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 @pytest.mark.parametrize("param", ["image", "mask"])
 def test_hostile_png_is_400_naming_the_part(server, case, param):
-    files = {"image": ("i.png", _rgba_png(64, 64), "image/png"), param: ("x.png", HOSTILE[case](), "image/png")}
+    files = {"image": ("i.png", _rgba_png(64, 64), "image/png"), "mask": ("m.png", _rgba_png(64, 64), "image/png"),
+             param: ("x.png", HOSTILE[case](), "image/png")}
     r = post(server, "/v1/images/edits", files=files, data={"prompt": PROMPT})
     assert error_of(r, 400)["param"] == param
 
 
+def test_png_that_pillow_reads_only_partly_is_not_a_500(server):
+    """A palette PNG with tRNS but no PLTE: Pillow decodes it to RGBA but asserts converting it straight to RGB."""
+    odd = _png(64, 64, color_type=3, before=_chunk(b"tRNS", b"\x00"))
+    r = post(server, "/v1/images/edits", data={"prompt": PROMPT, "response_format": "b64_json"},
+             files={"image": ("i.png", odd, "image/png"), "mask": ("m.png", _rgba_png(64, 64), "image/png")})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, on reading the header
 def test_huge_valid_png_is_refused_before_decoding(server):
     data = _big_palette_png()
     assert len(data) < 200_000

@@ -26,7 +26,8 @@ class EditInputs:
 
 
 def decode_png(data: bytes, param: str, max_side: int) -> Image.Image:
-    """``data`` as a decoded PNG no larger than ``max_side`` a side; a 400 naming ``param`` otherwise."""
+    """``data`` as a decoded PNG no larger than ``max_side`` a side, as RGBA if it has transparency (an alpha
+    channel or a tRNS colour), else RGB; a 400 naming ``param`` otherwise."""
     # Pillow signals a malformed file with many exception types (OSError, SyntaxError, ValueError, EOFError,
     # struct.error, DecompressionBombError, ...): any of them, from these calls on the client's bytes, is the
     # client's file, not a server fault.
@@ -42,17 +43,18 @@ def decode_png(data: bytes, param: str, max_side: int) -> Image.Image:
                              f"pixels a side.")
     try:
         image.load()
+        transparent = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+        return image.convert("RGBA" if transparent else "RGB")  # a palette image without PLTE fails here
     except Exception as exc:
-        raise invalid(param, f"'{param}' is not a valid PNG image: {exc}") from None
-    return image
+        raise invalid(param, f"'{param}' is not a valid PNG image: {exc or type(exc).__name__}") from None
 
 
 def transparent_region(image: Image.Image, param: str) -> Image.Image:
-    """The fully transparent pixels of ``image`` as an "L" image (255 = edit)."""
-    if image.mode not in ("RGBA", "LA") and not (image.mode == "P" and "transparency" in image.info):
+    """The fully transparent pixels of ``image`` (from ``decode_png``) as an "L" image (255 = edit)."""
+    if image.mode != "RGBA":
         raise invalid(param, f"'{param}' has no alpha channel; the transparent pixels mark the region to edit "
                              "(pass an RGBA PNG, or a mask).")
-    alpha = np.asarray(image.convert("RGBA"))[..., 3]
+    alpha = np.asarray(image)[..., 3]
     edit = alpha == 0
     if not edit.any():
         raise invalid(param, f"'{param}' has no fully transparent pixels; nothing to edit.")

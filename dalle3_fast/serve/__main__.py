@@ -34,6 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps of quality=standard (hd: twice); default: the pipeline's")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse sizes with more pixels than this")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated sizes served, e.g. 64x64,128x128 (default: those the pipeline was made "
+                        "for; other sizes get a 400)")
+    p.add_argument("--max-json-mb", type=float, default=1.0, help="body cap of JSON requests (413 past it)")
+    p.add_argument("--max-image-mb", type=float, default=4.0,
+                   help="cap of each image and mask sent to /v1/images/edits (OpenAI's: 4)")
     p.add_argument("--decoder-engine", default=None,
                    help="decode with an exported 2-step decoder: a TensorRT .plan (GPU) or an .onnx file "
                         "(onnxruntime), from python -m dalle3_fast.export --part decoder")
@@ -65,17 +71,32 @@ def build(args):
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if args.timeout_s <= 0 or args.url_ttl_s <= 0 or args.batch_window_ms < 0:
         raise ValueError("--timeout-s and --url-ttl-s must be > 0 and --batch-window-ms >= 0")
+    caps = {}
+    for flag, value in (("--max-json-mb", args.max_json_mb), ("--max-image-mb", args.max_image_mb)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value:g}")
+        caps[flag] = int(value * 2 ** 20)
+    sizes = None
+    if args.sizes is not None:
+        sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+        if not sizes:
+            raise ValueError("--sizes is empty; give e.g. --sizes 64x64,128x128")
     config = ServeConfig(model_name=args.model_name or directory.resolve().name, max_batch=args.max_batch,
                          max_queue=args.max_queue, batch_window_ms=args.batch_window_ms, timeout_s=args.timeout_s,
                          url_ttl_s=args.url_ttl_s, api_key=api_key,
                          blocklist=Blocklist.from_file(args.blocklist) if args.blocklist else None,
-                         steps=args.steps, max_pixels=args.max_pixels, threads=args.threads)
+                         steps=args.steps, max_pixels=args.max_pixels, threads=args.threads, sizes=sizes,
+                         max_json_bytes=caps["--max-json-mb"], max_image_bytes=caps["--max-image-mb"])
     pipe = Dalle3Pipeline.from_pretrained(directory, device=args.device)
     if args.decoder_engine:
         from dalle3_fast.export import use_decoder_engine
 
         use_decoder_engine(pipe, Path(args.decoder_engine))
-    return create_app(pipe, config), config
+    try:
+        app = create_app(pipe, config)
+    except ValueError as exc:
+        raise ValueError(f"--sizes: {exc}" if sizes else str(exc)) from None
+    return app, config
 
 
 def main(argv=None) -> int:

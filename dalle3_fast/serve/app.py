@@ -4,6 +4,10 @@
     POST /v1/images/edits         multipart {image, mask?, prompt, model, n, size, response_format, user}
     GET  /v1/files/<id>.png       images of response_format=url, for ``url_ttl_s`` seconds
     GET  /v1/models  /health  /metrics
+
+Every field is checked before a request joins a batch (strictly typed, as OpenAI does: ``"n": "2"`` or
+``true`` is a 400), sizes are those the pipeline was made for (or the operator's ``sizes``), bodies are capped
+(413), and a request whose client has gone away is cancelled.
 """
 from __future__ import annotations
 
@@ -11,28 +15,32 @@ import asyncio
 import base64
 import io
 import logging
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from dalle3_fast.pipeline import from_pil
 from dalle3_fast.serve.batching import Batcher, Job, JobCancelled, QueueFull
 from dalle3_fast.serve.errors import APIError, install_handlers, invalid
 from dalle3_fast.serve.files import FileStore
+from dalle3_fast.serve.gate import RequestGate
+from dalle3_fast.serve.images import prepare_edit
 from dalle3_fast.serve.metrics import Metrics
-from dalle3_fast.serve.policy import RESPONSE_FORMATS, Blocklist, RequestPolicy, check_api_key
+from dalle3_fast.serve.policy import RESPONSE_FORMATS, Blocklist, RequestPolicy
 from dalle3_fast.serve.runner import PipelineRunner
 
 log = logging.getLogger("dalle3_fast.serve")
-MAX_UPLOAD_BYTES = 4 * 2 ** 20  # OpenAI's limit for edit images and masks
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away; nobody reads it
+MAX_IMAGE_BYTES = 4 * 2 ** 20  # OpenAI's limit for edit images and masks
+MAX_JSON_BYTES = 2 ** 20       # a 4000-character prompt is at most ~50 kB of JSON
+EDITS_PATH = "/v1/images/edits"
 
 
 @dataclass
@@ -48,6 +56,14 @@ class ServeConfig:
     steps: int | None = None
     max_pixels: int | None = None
     threads: int | None = None
+    sizes: list[str] | None = None          # sizes served; default: the pipeline's own
+    max_json_bytes: int = MAX_JSON_BYTES    # body cap of JSON requests
+    max_image_bytes: int = MAX_IMAGE_BYTES  # cap of each edit image / mask
+
+    @property
+    def max_multipart_bytes(self) -> int:
+        """Body cap of /v1/images/edits: image, mask, and the other fields."""
+        return 2 * self.max_image_bytes + self.max_json_bytes
 
     @property
     def model_names(self) -> list[str]:
@@ -55,7 +71,7 @@ class ServeConfig:
 
 
 class GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)  # no coercion: "n": "2", true or 2.0 is a 400
 
     prompt: str
     model: str | None = None
@@ -68,10 +84,11 @@ class GenerationRequest(BaseModel):
 
 
 def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
+    """Raises ValueError for a configured size the pipeline cannot generate."""
     config = config or ServeConfig()
     metrics = Metrics()
     policy = RequestPolicy(pipe, model_names=config.model_names, blocklist=config.blocklist, steps=config.steps,
-                           max_pixels=config.max_pixels)
+                           max_pixels=config.max_pixels, sizes=config.sizes)
     batcher = Batcher(PipelineRunner(pipe, config.threads), max_batch=config.max_batch, max_queue=config.max_queue,
                       window_s=config.batch_window_ms / 1000, metrics=metrics)
     files = FileStore(config.url_ttl_s)
@@ -86,18 +103,10 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
     app = FastAPI(title="dalle3_fast Images API", lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.policy, app.state.files = batcher, metrics, policy, files
     install_handlers(app)
+    app.add_middleware(RequestGate, api_key=config.api_key, body_limit=lambda path: (
+        config.max_multipart_bytes if path == EDITS_PATH else config.max_json_bytes))
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1/") and not path.startswith("/v1/files/"):
-            try:
-                check_api_key(config.api_key, request.headers.get("authorization"))
-            except APIError as exc:
-                return exc.response()
-        return await call_next(request)
-
-    async def run(job: Job, started: float) -> list[Image.Image]:
+    async def run(job: Job, started: float, request: Request) -> list[Image.Image]:
         loop = asyncio.get_running_loop()
         job.loop, job.future = loop, loop.create_future()
         try:
@@ -108,16 +117,25 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
             metrics.record_request(time.monotonic() - started, 429)
             raise APIError(429, f"The server is overloaded ({exc}); retry after {retry} s.", type="requests",
                            code="rate_limit_exceeded", headers={"Retry-After": str(retry)}) from None
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.wait_for(asyncio.shield(job.future), timeout=max(0.0, job.deadline - time.monotonic()))
-        except (asyncio.TimeoutError, JobCancelled):
-            batcher.cancel(job)
-            metrics.record_request(time.monotonic() - started, 504)
-            raise APIError(504, f"The request did not finish within {config.timeout_s:g} s and was cancelled.",
-                           type="timeout", code="timeout") from None
-        except asyncio.CancelledError:  # the client disconnected
+            await asyncio.wait([job.future, gone], timeout=max(0.0, job.deadline - time.monotonic()),
+                               return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the server is shutting down, or the ASGI server cancelled the request
             batcher.cancel(job)
             raise
+        finally:
+            gone.cancel()
+        if job.future.done() and not isinstance(job.future.exception(), JobCancelled):
+            return job.future.result()
+        batcher.cancel(job)  # drops it from the queue, or stops its batch if no one else is waiting on it
+        if not job.future.done() and gone.done() and not gone.cancelled():
+            metrics.record_request(time.monotonic() - started, CLIENT_CLOSED)
+            raise APIError(CLIENT_CLOSED, "The client closed the connection; the request was cancelled.",
+                           code="client_closed_request")
+        metrics.record_request(time.monotonic() - started, 504)
+        raise APIError(504, f"The request did not finish within {config.timeout_s:g} s and was cancelled.",
+                       type="timeout", code="timeout")
 
     async def respond(images, revised, response_format: str, request: Request, started: float) -> JSONResponse:
         pngs = await asyncio.to_thread(lambda: [_png(im) for im in images])
@@ -146,36 +164,25 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
         revised = prompt
         if settings.upsample:
             revised = (await asyncio.to_thread(pipe.revise, [prompt], pipe.upsampler))[0] or prompt
-        images = await run(new_job("generate", settings, [revised] * n), started)
+        images = await run(new_job("generate", settings, [revised] * n), started, request)
         return await respond(images, [revised] * n, response_format, request, started)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request, image: UploadFile = File(...), prompt: str = Form(...),
-                    mask: UploadFile | None = File(None), model: str | None = Form(None), n: int = Form(1),
-                    size: str | None = Form(None), response_format: str | None = Form(None),
-                    user: str | None = Form(None)):
+                    mask: UploadFile | None = File(None), model: str | None = Form(None),
+                    n: str | None = Form(None), size: str | None = Form(None),
+                    response_format: str | None = Form(None), user: str | None = Form(None)):
         started = time.monotonic()
         policy.model(model)
         prompt = policy.prompt(prompt, "edits")
-        n = policy.n(n)
+        n = policy.n(_form_int("n", n, default=1))
         response_format = policy.choice("response_format", response_format, RESPONSE_FORMATS, "url")
-        picture = await _read_png(image, "image")
-        alpha_source = await _read_png(mask, "mask") if mask is not None else picture
-        if mask is not None and alpha_source.size != picture.size:
-            raise invalid("mask", f"'mask' is {alpha_source.size[0]}x{alpha_source.size[1]} but 'image' is "
-                                  f"{picture.size[0]}x{picture.size[1]}; they must be the same size.")
-        edit = _transparent_region(alpha_source, "mask" if mask is not None else "image")
-        if size is None:
-            native = f"{picture.size[0]}x{picture.size[1]}"
-            size = native if native in policy.sizes else None
-        settings = policy.settings(size=size, quality=None, style=None)
-        target = (settings.width, settings.height)
-        rgb = from_pil([picture.convert("RGB").resize(target, Image.BICUBIC)])
-        edit = edit.resize(target, Image.NEAREST)
-        region = torch.from_numpy(np.asarray(edit, dtype=np.float32) / 255.0)[None, None]
-        job = new_job("edit", settings, [prompt] * n)
-        job.images, job.masks = rgb.expand(n, -1, -1, -1), region.expand(n, -1, -1, -1)
-        images = await run(job, started)
+        picture = await _read_upload(image, "image", config.max_image_bytes)
+        alpha = await _read_upload(mask, "mask", config.max_image_bytes) if mask is not None else None
+        inputs = await asyncio.to_thread(prepare_edit, policy, picture, alpha, size)
+        job = new_job("edit", inputs.settings, [prompt] * n)
+        job.images, job.masks = inputs.images.expand(n, -1, -1, -1), inputs.masks.expand(n, -1, -1, -1)
+        images = await run(job, started, request)
         return await respond(images, [prompt] * n, response_format, request, started)
 
     @app.get("/v1/files/{name}")
@@ -189,7 +196,8 @@ def create_app(pipe, config: ServeConfig | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "dalle3_fast"} for name in config.model_names]}
+                                            "owned_by": "dalle3_fast", "sizes": policy.sizes,
+                                            "default_size": policy.default_size} for name in config.model_names]}
 
     @app.get("/health")
     async def health():
@@ -214,27 +222,24 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-async def _read_png(upload: UploadFile, param: str) -> Image.Image:
-    data = await upload.read(MAX_UPLOAD_BYTES + 1)
-    if len(data) > MAX_UPLOAD_BYTES:
-        raise invalid(param, f"'{param}' is larger than {MAX_UPLOAD_BYTES // 2 ** 20} MB.")
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise invalid(param, f"'{param}' is not a valid PNG image: {exc}") from None
-    if image.format != "PNG":
-        raise invalid(param, f"'{param}' must be a PNG image; got {image.format}.")
-    return image
+async def _read_upload(upload: UploadFile, param: str, limit: int) -> bytes:
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise invalid(param, f"'{param}' is larger than this server accepts ({limit} bytes).")
+    return data
 
 
-def _transparent_region(image: Image.Image, param: str) -> Image.Image:
-    """The fully transparent pixels of ``image`` as an "L" image (255 = edit)."""
-    if image.mode not in ("RGBA", "LA") and not (image.mode == "P" and "transparency" in image.info):
-        raise invalid(param, f"'{param}' has no alpha channel; the transparent pixels mark the region to edit "
-                             "(pass an RGBA PNG, or a mask).")
-    alpha = np.asarray(image.convert("RGBA"))[..., 3]
-    edit = alpha == 0
-    if not edit.any():
-        raise invalid(param, f"'{param}' has no fully transparent pixels; nothing to edit.")
-    return Image.fromarray((edit * 255).astype(np.uint8), mode="L")
+def _form_int(name: str, value: str | None, default: int) -> int:
+    """A multipart field as an integer: decimal digits only (no "2.0", "true" or " 2")."""
+    if value is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,9}", value):
+        raise invalid(name, f"Invalid type for '{name}': expected an integer, but got {value!r} instead.",
+                      code="invalid_type")
+    return int(value)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (its body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # a server that answers at once with empty body messages is polled, not spun

@@ -6,6 +6,7 @@ images are gathered, and runs them as one batch: per-image seeds make every imag
 call would give. The queue is bounded (``QueueFull`` past ``max_queue`` waiting jobs). A job whose deadline
 passes is cancelled: dropped from the queue if still waiting; if its batch is running, the batch stops at the
 next denoising step when every job in it is cancelled, otherwise the job's images are discarded.
+A batch that raises is run again one job at a time, so a job the model cannot take fails alone.
 """
 from __future__ import annotations
 
@@ -178,17 +179,30 @@ class Batcher:
             if not live:
                 continue
             try:
-                results = self.run_batch(live, lambda: all(j.cancelled for j in live))
+                self._run(live)
             except _BatchCancelled:
                 continue
-            except Exception as exc:  # a model failure answers every job in the batch, the worker lives on
+            except Exception as exc:
+                if len(live) == 1:
+                    live[0].fail(exc)
+                    continue
+                # one bad job must not fail its batch mates: each alone, so only the one(s) at fault fail
                 for job in live:
-                    job.fail(exc)
-                continue
-            self.metrics.record_batch(sum(j.count for j in live))
-            for job, images in zip(live, results):
-                if not job.cancelled:
-                    job.succeed(images)
+                    if job.cancelled:
+                        continue
+                    try:
+                        self._run([job])
+                    except _BatchCancelled:
+                        pass
+                    except Exception as alone:  # the worker lives on
+                        job.fail(alone)
+
+    def _run(self, jobs: list[Job]) -> None:
+        results = self.run_batch(jobs, lambda: all(j.cancelled for j in jobs))
+        self.metrics.record_batch(sum(j.count for j in jobs))
+        for job, images in zip(jobs, results):
+            if not job.cancelled:
+                job.succeed(images)
 
 
 def stop_when(should_stop: Callable[[], bool]):

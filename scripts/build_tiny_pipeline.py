@@ -132,9 +132,10 @@ def _run(config: str, out: Path, overrides: dict, args) -> Path:
     atomic_write_bytes(out / "build_stage.json", (json.dumps({"config": config, "set": settings}, indent=2,
                                                              sort_keys=True) + "\n").encode())
     t0 = time.perf_counter()
-    summary = train(cfg, resume=bool(existing), progress=False)
+    summary = train(cfg, resume=bool(existing))
     print(f"[build] {config}: {cfg.steps} steps in {(time.perf_counter() - t0) / 60:.1f} min, "
-          f"final loss {summary['loss']:.4g}", file=sys.stderr)
+          f"final loss {summary['loss'] if summary['loss'] is None else format(summary['loss'], '.4g')}",
+          file=sys.stderr)  # None: resumed from the last step's checkpoint, only the export was left
     return final
 
 
@@ -155,7 +156,7 @@ def training_set(args) -> tuple[int, int, int]:
     """(shards, images per shard, fine-tuning shards) at this --scale."""
     shards = max(2, round(args.shards * min(1.0, args.scale)))
     size = max(16, round(args.shard_size * min(1.0, args.scale)))
-    return shards, size, max(1, min(shards - 1, round(args.finetune_shards * min(1.0, args.scale))))
+    return shards, size, max(1, min(shards, round(args.finetune_shards * min(1.0, args.scale))))
 
 
 def shard_spec(directory: Path, count: int) -> str:

@@ -80,7 +80,7 @@ def probe(stem: str, args, test_images, test_labels) -> dict:
         predicted = torch.cat([head(encoder(test_images[i: i + 250])[0]).argmax(-1)
                                for i in range(0, len(test_images), 250)])
     return {"stem": stem, "test_accuracy": round(float((predicted == test_labels).float().mean()), 4),
-            "final_train_loss": round(float(loss), 4),
+            "final_train_loss": round(float(loss.detach()), 4),
             "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
             "median_step_cpu_ms": round(1000 * statistics.median(step_cpu), 1)}
 

@@ -78,9 +78,15 @@ def test_alt_only_run_alone_is_assembled_with_its_own_text_encoder_and_a_stopped
 
     import shutil
 
-    shutil.rmtree(work / "vae" / "final")  # as if stopped after its last checkpoint (step 6 of 7)
+    from dalle3_fast.train.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(work / "vae" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step_00000006", "step_00000007"]
+    shutil.rmtree(work / "vae" / "final")  # as if stopped at step 6 of 7
+    shutil.rmtree(checkpoints[-1])
     log = build("--out", str(tmp_path / "alt"), "--work", str(work), "--stages", "vae", "--ckpt-every", "2")
-    assert "resuming from step_" in log and (work / "vae" / "final").is_dir()
+    assert "resuming from step_00000006" in log and (work / "vae" / "final").is_dir()
+    assert "vae_tiny.json: 7 steps" in log
 
 
 def _script():

@@ -189,6 +189,8 @@ def _train_captioners(args, work: Path, stages: str) -> None:
             "--ssc-steps", str(_steps(args.ssc_steps, args.scale)),
             "--dsc-steps", str(_steps(args.dsc_steps, args.scale)), "--set", f"seed={args.seed}",
             "--stages", stages]
+    if args.scale < 1:  # the captions of 2000 scenes train the tokenizer; a smoke run needs fewer
+        argv += ["--set", f"task_options.tokenizer_scenes={max(100, round(2000 * args.scale))}"]
     t0 = time.perf_counter()
     if train_captioners.main(argv) != 0:
         raise BuildError(f"scripts/train_captioners.py --stages {stages} failed (see above)")

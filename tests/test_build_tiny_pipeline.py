@@ -17,7 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_tiny_pipeline.
 
 def build(*args):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--scale", "0.002", *args], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1500)  # minutes on a loaded 2-core machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 

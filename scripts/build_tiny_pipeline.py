@@ -3,28 +3,40 @@
     python scripts/build_tiny_pipeline.py --out dalle3_fast/assets/tiny_pipeline
 
 Stages (each one's result is kept under ``--work``, so a stage that already finished is skipped
-when the command is run again, e.g. to train only the alt-text-only U-Net afterwards):
+when the command is run again, and an interrupted training stage resumes from its newest checkpoint):
 
 1. ``vae``:        the tiny KL-f8 VAE (64x64x3 -> 8x8x4), task ``vae`` of ``python -m dalle3_fast.train`` with
                    configs/vae_tiny.json: MSE + L1 weighted towards the shapes' pixels, KL 1e-6;
-2. ``unet``:       the tiny U-Net on blended captions (95 % DSC / 5 % alt-text, 10 % caption drop for
-                   classifier-free guidance), task ``unet`` with configs/unet_tiny.json. The same run
+2. ``data``:       the training set, ``--shards`` world shards of ``--shard-size`` images (world seed 0,
+                   each sample with its alt-text and, in its json, the world's true captions), written by
+                   scripts/train_captioners.py's data stage to WORK/captioners/data/train;
+3. ``captioners``: the rest of scripts/train_captioners.py into WORK/captioners: a CoCa captioner
+                   pre-trained on the training set's alt-text, and its SSC and DSC fine-tunes on the first
+                   ``--finetune-shards`` shards (the small curated set), exported to
+                   WORK/captioners/export/{pretrained,ssc,dsc};
+4. ``recaption``:  ``python -m dalle3_fast.recaption`` with that DSC captioner over the whole training set,
+                   as a user would on their own shards: WORK/recaptioned/ holds the same shards plus a
+                   ``.dsc`` member per sample (resumable: finished shards are skipped);
+5. ``unet``:       the tiny U-Net (task ``unet``, configs/unet_tiny.json, 10 % caption drop for
+                   classifier-free guidance) on the training shards. ``--variant`` picks its captions, the
+                   paper's ablation (same architecture, seed, images and steps; each into its own work
+                   directory): ``captioner-95`` (default: 95 % the ``.dsc`` members the recaption job
+                   wrote, read with ``synthetic_member: "dsc"``, 5 % alt-text), ``captioner-65``,
+                   ``oracle-95`` (the world's true DSCs: the ceiling a perfect captioner would reach) and
+                   ``alt-only`` (synthetic ratio 0; ``--alt-only`` is the same). The first U-Net run
                    trains a SentencePiece tokenizer on scene-world captions and builds the tiny T5 text
-                   encoder: randomly initialised and frozen (the U-Net learns to read its token
-                   embeddings; with a 1000-piece vocabulary and a closed caption grammar that suffices).
-                   ``--alt-only`` trains this U-Net on alt-text only (synthetic ratio 0), everything
-                   else equal, into its own work directory: the paper's caption ablation;
-3. ``decoder``:    the tiny latent diffusion decoder (task ``decoder``), then its 2-step consistency
+                   encoder, randomly initialised and frozen; the other variants reuse it when it exists;
+6. ``decoder``:    the tiny latent diffusion decoder (task ``decoder``), then its 2-step consistency
                    distillation (task ``decoder_distill``);
-4. ``upsampler``:  the local prompt upsampler (a small T5 seq2seq with its own SentencePiece tokenizer,
+7. ``upsampler``:  the local prompt upsampler (a small T5 seq2seq with its own SentencePiece tokenizer,
                    trained on SSC -> DSC caption pairs of the world);
-5. ``assemble``:   Dalle3Pipeline.save_pretrained(--out).
+8. ``assemble``:   Dalle3Pipeline.save_pretrained(--out) with the ``--variant``'s U-Net.
 
 Deterministic: every stage is seeded (model init, data order and captions come from fixed seeds), so
 the same command on the same software gives the same weights up to floating-point summation order.
-The step counts default to about 80 minutes on a 2-core CPU: the VAE with both cores, then the two
-U-Nets and the decoder as three one-thread processes side by side (README, "Retraining the embedded
-pipeline"); scale them with ``--scale``.
+``--scale`` multiplies every step count and shrinks the shard set with it (at least 2 shards of 16
+images); README, "Retraining the embedded pipeline", gives the commands that run stages side by side
+in the background and what each cost.
 """
 from __future__ import annotations
 
@@ -37,8 +49,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-STAGES = ("vae", "unet", "decoder", "upsampler", "assemble")
+STAGES = ("vae", "data", "captioners", "recaption", "unet", "decoder", "upsampler", "assemble")
 EVAL_SIZE = "64x64"
+# --variant -> (U-Net work directory, synthetic caption source, synthetic ratio)
+VARIANTS = {"captioner-95": ("unet", "captioner", 0.95), "captioner-65": ("unet_captioner65", "captioner", 0.65),
+            "oracle-95": ("unet_oracle95", "oracle", 0.95), "alt-only": ("unet_alt", "none", 0.0)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,13 +62,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="pipeline directory to write (model_index.json + parts)")
     p.add_argument("--work", default="runs/tiny_pipeline",
                    help="directory for the stages' training runs; finished stages found here are reused")
-    p.add_argument("--alt-only", action="store_true",
-                   help="train the U-Net on alt-text captions only (synthetic ratio 0) instead of the 95%% DSC blend")
+    p.add_argument("--variant", choices=tuple(VARIANTS), default="captioner-95",
+                   help="the U-Net's captions: 95%% / 65%% our captioner's DSCs (the recaptioned shards' .dsc "
+                        "members), 95%% the world's true DSCs (oracle), or alt-text only (default captioner-95)")
+    p.add_argument("--alt-only", action="store_true", help="the same as --variant alt-only")
     p.add_argument("--stages", default=",".join(STAGES),
                    help=f"comma-separated stages to run, in order (default: all of {','.join(STAGES)})")
     p.add_argument("--scale", type=float, default=1.0,
-                   help="multiply every stage's step count (e.g. 0.01 for a smoke run, 3 for a better model)")
+                   help="multiply every stage's step count (e.g. 0.01 for a smoke run, 3 for a better model); "
+                        "below 1 it also shrinks the training set (at least 2 shards x 16 images)")
+    p.add_argument("--shards", type=int, default=40, help="training-set shards (world seed 0; default 40)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per training-set shard (default 1000)")
+    p.add_argument("--finetune-shards", type=int, default=2,
+                   help="the first shards, with their true SSC/DSC, are the captioners' fine-tuning set (default 2)")
     p.add_argument("--vae-steps", type=int, default=3600, help="VAE optimizer steps (batch 16)")
+    p.add_argument("--captioner-steps", type=int, default=1500, help="captioner pre-training steps (batch 32)")
+    p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
+    p.add_argument("--dsc-steps", type=int, default=600, help="DSC captioner fine-tune steps (batch 32)")
     p.add_argument("--unet-steps", type=int, default=4000,
                    help="U-Net optimizer steps (batch 32; each encoded image batch serves 4 steps)")
     p.add_argument("--decoder-steps", type=int, default=500, help="latent decoder steps (batch 16)")
@@ -61,16 +86,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--upsampler-steps", type=int, default=800, help="local upsampler steps (batch 32)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads; 1 is fastest on a machine whose cores are shared with other jobs")
+    p.add_argument("--ckpt-every", type=int, default=0,
+                   help="checkpoint interval of the training stages, which resume from the newest one when run "
+                        "again (default 0: a twentieth of the stage's steps, at least 50)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.alt_only:
+        args.variant = "alt-only"
+    if min(args.shards, args.shard_size, args.finetune_shards) < 1 or args.finetune_shards > args.shards:
+        p.error("--shards, --shard-size and --finetune-shards must be >= 1, with --finetune-shards <= --shards")
+    return args
+
+
+class BuildError(Exception):
+    """A stage cannot run: one line saying why and what to run first."""
 
 
 def _steps(n: int, scale: float) -> int:
     return max(1, round(n * scale))
 
 
-def _run(config: str, out: Path, overrides: dict, seed: int) -> Path:
-    """One ``python -m dalle3_fast.train`` run in this process (same code path as the CLI)."""
+def _ckpt_every(args, steps: int) -> int:
+    return args.ckpt_every or max(50, steps // 20)
+
+
+def _run(config: str, out: Path, overrides: dict, args) -> Path:
+    """One ``python -m dalle3_fast.train`` run in this process (same code path as the CLI); an earlier
+    attempt that was stopped resumes from its newest checkpoint (the CLI's --resume)."""
+    from dalle3_fast.io import atomic_write_bytes
+    from dalle3_fast.train.checkpoint import list_checkpoints
     from dalle3_fast.train.config import load_config
     from dalle3_fast.train.loop import train
 
@@ -78,15 +122,20 @@ def _run(config: str, out: Path, overrides: dict, seed: int) -> Path:
     if final.is_dir():
         print(f"[build] {out} already trained; reusing {final}", file=sys.stderr)
         return final
-    if (out / "checkpoints").is_dir():
-        shutil.rmtree(out / "checkpoints")  # an interrupted earlier attempt: start this stage over
-    sets = [f"{k}={json.dumps(v)}" for k, v in {**overrides, "out_dir": str(out), "seed": seed,
-                                                 "device": "cpu", "sample_every": 0, "ckpt_every": 0}.items()]
-    cfg = load_config(CONFIGS / config, sets)
+    settings = {**overrides, "out_dir": str(out), "seed": args.seed, "device": "cpu", "sample_every": 0,
+                "ckpt_every": _ckpt_every(args, overrides["steps"])}
+    cfg = load_config(CONFIGS / config, [f"{k}={json.dumps(v)}" for k, v in settings.items()])
+    existing = list_checkpoints(out / "checkpoints")
+    if existing:
+        print(f"[build] {out}: resuming from {existing[-1].name}", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "build_stage.json", (json.dumps({"config": config, "set": settings}, indent=2,
+                                                             sort_keys=True) + "\n").encode())
     t0 = time.perf_counter()
-    summary = train(cfg)
+    summary = train(cfg, resume=bool(existing))
     print(f"[build] {config}: {cfg.steps} steps in {(time.perf_counter() - t0) / 60:.1f} min, "
-          f"final loss {summary['loss']:.4g}", file=sys.stderr)
+          f"final loss {summary['loss'] if summary['loss'] is None else format(summary['loss'], '.4g')}",
+          file=sys.stderr)  # None: resumed from the last step's checkpoint, only the export was left
     return final
 
 
@@ -100,11 +149,112 @@ def stage_vae(args, work: Path) -> Path:
                  "task_options.model": "tiny", "task_options.recon_loss": "mse+l1",
                  "task_options.foreground_weight": 10.0, "task_options.logvar_init": -9.0,
                  "optimizer.lr": 2e-3, "optimizer.betas": [0.9, 0.99], "optimizer.warmup_steps": 50,
-                 "optimizer.schedule": "cosine", "optimizer.min_lr_ratio": 0.05, "log_every": 50}, args.seed)
+                 "optimizer.schedule": "cosine", "optimizer.min_lr_ratio": 0.05, "log_every": 50}, args)
 
 
-def unet_dir(work: Path, alt_only: bool) -> Path:
-    return work / ("unet_alt" if alt_only else "unet")
+def training_set(args) -> tuple[int, int, int]:
+    """(shards, images per shard, fine-tuning shards) at this --scale."""
+    shards = max(2, round(args.shards * min(1.0, args.scale)))
+    size = max(16, round(args.shard_size * min(1.0, args.scale)))
+    return shards, size, max(1, min(shards, round(args.finetune_shards * min(1.0, args.scale))))
+
+
+def shard_spec(directory: Path, count: int) -> str:
+    return str(directory / f"{{000000..{count - 1:06d}}}.tar")
+
+
+def captioners_dir(work: Path) -> Path:
+    return work / "captioners"
+
+
+def world_shards(args, work: Path) -> str:
+    return shard_spec(captioners_dir(work) / "data" / "train", training_set(args)[0])
+
+
+def recaptioned_shards(args, work: Path) -> str:
+    return shard_spec(work / "recaptioned", training_set(args)[0])
+
+
+def _train_captioners(args, work: Path, stages: str) -> None:
+    """scripts/train_captioners.py's ``stages``; it skips what is finished and resumes interrupted runs."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import train_captioners
+    finally:
+        sys.path.pop(0)
+    shards, size, finetune = training_set(args)
+    argv = ["--work", str(captioners_dir(work)), "--train-shards", str(shards), "--shard-size", str(size),
+            "--finetune-shards", str(finetune), "--threads", str(args.threads), "--no-progress",
+            "--pretrain-steps", str(_steps(args.captioner_steps, args.scale)),
+            "--ssc-steps", str(_steps(args.ssc_steps, args.scale)),
+            "--dsc-steps", str(_steps(args.dsc_steps, args.scale)), "--set", f"seed={args.seed}",
+            "--stages", stages]
+    if args.scale < 1:  # the captions of 2000 scenes train the tokenizer; a smoke run needs fewer
+        argv += ["--set", f"task_options.tokenizer_scenes={max(100, round(2000 * args.scale))}"]
+    t0 = time.perf_counter()
+    if train_captioners.main(argv) != 0:
+        raise BuildError(f"scripts/train_captioners.py --stages {stages} failed (see above)")
+    print(f"[build] train_captioners {stages}: {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
+
+
+def stage_data(args, work: Path) -> str:
+    _train_captioners(args, work, "data")
+    return world_shards(args, work)
+
+
+def stage_captioners(args, work: Path) -> Path:
+    """Pre-training, the SSC and DSC fine-tunes side by side (one process each), export."""
+    _train_captioners(args, work, "pretrain,finetune,export")
+    return captioners_dir(work) / "export" / "dsc"
+
+
+def stage_recaption(args, work: Path) -> Path:
+    """The user's command: ``python -m dalle3_fast.recaption --captioner DSC --input SHARDS --output DIR``."""
+    import os
+    import subprocess
+
+    captioner = captioners_dir(work) / "export" / "dsc"
+    if not (captioner / "config.json").is_file():
+        raise BuildError(f"no DSC captioner at {captioner}; run the captioners stage first")
+    out = work / "recaptioned"
+    cmd = [sys.executable, "-m", "dalle3_fast.recaption", "--captioner", str(captioner), "--input",
+           world_shards(args, work), "--output", str(out), "--style", "dsc", "--device", "cpu", "--no-progress"]
+    print("[build] " + " ".join(cmd), file=sys.stderr)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    t0 = time.perf_counter()
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise BuildError("the recaption stage failed (see above)")
+    print(f"[build] recaption: {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
+    return out
+
+
+def unet_dir(work: Path, variant: str) -> Path:
+    return work / VARIANTS[variant][0]
+
+
+def unet_data(args, work: Path) -> dict:
+    """The U-Net's shards and caption options for --variant."""
+    _, source, ratio = VARIANTS[args.variant]
+    if source == "captioner":
+        data = recaptioned_shards(args, work)
+        missing = [p for p in _expand(data) if not Path(p).is_file()]
+        if missing:
+            raise BuildError(f"--variant {args.variant} trains on the recaptioned shards, but {missing[0]} "
+                             "is missing; run the data, captioners and recaption stages first")
+        return {"task_options.data": data, "task_options.synthetic_member": "dsc",
+                "task_options.synthetic_ratio": ratio}
+    data = world_shards(args, work)
+    missing = [p for p in _expand(data) if not Path(p).is_file()]
+    if missing:
+        raise BuildError(f"the U-Net trains on the training-set shards, but {missing[0]} is missing; "
+                         "run the data stage first")
+    return {"task_options.data": data, "task_options.synthetic_ratio": ratio}
+
+
+def _expand(spec: str) -> list[str]:
+    from dalle3_fast.data.shards import expand_shards
+
+    return list(expand_shards(spec))
 
 
 # Twice the widths of unet_config "tiny": binding a colour and a shape to a place takes more than 32 channels.
@@ -117,6 +267,7 @@ def stage_unet(args, work: Path) -> Path:
     from dalle3_fast.models.unet import UNet
     from dalle3_fast.models.unet_config import named_config
 
+    data = unet_data(args, work)
     init = work / "unet_init"
     if not (init / "config.json").is_file():
         torch.manual_seed(args.seed)
@@ -126,23 +277,22 @@ def stage_unet(args, work: Path) -> Path:
                  "task_options.text_encoder": "tiny", "task_options.buckets": [[64, 64]],
                  "task_options.latent_reuse": 4,
                  "optimizer.lr": 1e-3, "optimizer.warmup_steps": 100, "optimizer.schedule": "cosine",
-                 "optimizer.min_lr_ratio": 0.1}
-    if args.alt_only:
-        overrides["task_options.synthetic_ratio"] = 0.0
-        shared = work / "unet" / "text_encoder"
-        if (shared / "config.json").is_file():  # the same frozen encoder as the DSC-blend run
-            overrides["task_options.text_encoder"] = str(shared)
-    return _run("unet_tiny.json", unet_dir(work, args.alt_only), overrides, args.seed)
+                 "optimizer.min_lr_ratio": 0.1, **data}
+    out = unet_dir(work, args.variant)
+    shared = work / "unet" / "text_encoder"
+    if out != work / "unet" and not (out / "text_encoder").is_dir() and (shared / "config.json").is_file():
+        overrides["task_options.text_encoder"] = str(shared)  # the same frozen encoder as the default run
+    return _run("unet_tiny.json", out, overrides, args)
 
 
 def stage_decoder(args, work: Path) -> Path:
     vae = str(work / "vae" / "final")
     teacher = _run("decoder_tiny.json", work / "decoder",
                    {"steps": _steps(args.decoder_steps, args.scale), "ema_decay": 0.99, "log_every": 25,
-                    "task_options.vae": vae, "optimizer.lr": 5e-4}, args.seed)
+                    "task_options.vae": vae, "optimizer.lr": 5e-4}, args)
     return _run("decoder_distill_tiny.json", work / "decoder_distill",
                 {"steps": _steps(args.distill_steps, args.scale), "log_every": 25, "task_options.vae": vae,
-                 "task_options.teacher": str(teacher)}, args.seed)
+                 "task_options.teacher": str(teacher)}, args)
 
 
 def stage_upsampler(args, work: Path) -> Path:
@@ -170,11 +320,11 @@ def stage_assemble(args, work: Path) -> Path:
     from dalle3_fast.pipeline import Dalle3Pipeline
     from dalle3_fast.upsample import LocalUpsampler
 
-    unet_run = unet_dir(work, args.alt_only)
+    unet_run = unet_dir(work, args.variant)
     sched = json.loads((unet_run / "final" / "scheduler_config.json").read_text())
     schedule = NoiseSchedule({"squaredcos_cap_v2": "cosine"}.get(sched["beta_schedule"], sched["beta_schedule"]),
                              sched["num_train_timesteps"], sched["beta_start"], sched["beta_end"])
-    # an alt-only run started before the DSC run had built its encoder made its own: use the one it trained with
+    # a variant run started before the default run had built its encoder made its own: use the one it trained with
     text_encoder_dir = unet_run / "text_encoder"
     if not (text_encoder_dir / "config.json").is_file():
         text_encoder_dir = work / "unet" / "text_encoder"
@@ -212,7 +362,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for name in stages:
-        globals()[f"stage_{name}"](args, work)
+        try:
+            globals()[f"stage_{name}"](args, work)
+        except BuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(f"[build] stages {','.join(stages)} done in {(time.perf_counter() - t0) / 60:.1f} min", file=sys.stderr)
     return 0
 

@@ -5,8 +5,8 @@
 Stages (a stage whose result is already under ``--work`` is skipped, so the command resumes):
 
 1. ``data``:      40 shards x 1000 images (64x64, world seed 0) with ``python -m dalle3_fast.data.world``;
-2. ``pretrain``:  a tiny CoCa on (image, alt-text), contrastive + captioning loss
-                  (configs/captioner_world_pretrain.json, on all 40 shards);
+2. ``pretrain``:  a tiny CoCa (convolutional image stem) on (image, alt-text), contrastive + captioning
+                  loss (configs/captioner_world_pretrain.json, on all 40 shards);
 3. ``finetune``:  two copies of it fine-tuned on the first 2 shards only (2000 images, 5 % of the
                   data): on the short synthetic captions (configs/captioner_world_ssc.json) and on the
                   descriptive ones (configs/captioner_world_dsc.json); the two runs go side by side

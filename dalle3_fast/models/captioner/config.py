@@ -6,12 +6,20 @@ from dataclasses import dataclass
 
 from dalle3_fast.ops.checks import SUPPORTED_HEAD_DIMS
 
+IMAGE_STEMS = ("patch", "conv")
+CONV_STEM_GROUPS = 8
+
 
 @dataclass
 class CoCaConfig:
-    # Image encoder (ViT) and its attentional pooler.
+    # Image encoder (stem -> transformer) and its attentional pooler.
     image_size: int = 64
-    patch_size: int = 8
+    patch_size: int = 8             # the stem's stride: image_size / patch_size tokens per side
+    # "patch": one patch_size x patch_size linear projection (ViT, open_clip's layout);
+    # "conv": log2(patch_size) 3x3 stride-2 convolutions (GroupNorm + SiLU), then a 1x1 projection
+    # (Xiao et al. 2021, "Early convolutions help transformers see better"): sees shapes on small data.
+    # A config.json without this key was written before it existed: a "patch" ViT.
+    image_stem: str = "patch"
     vision_width: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
@@ -62,6 +70,16 @@ class CoCaConfig:
                 fail(f"`{name}` must be a positive int, got {value!r}")
         if self.image_size % self.patch_size:
             fail(f"`image_size`={self.image_size} is not a multiple of `patch_size`={self.patch_size}")
+        if self.image_stem not in IMAGE_STEMS:
+            fail(f"`image_stem`={self.image_stem!r}; choose one of {', '.join(IMAGE_STEMS)}")
+        if self.image_stem == "conv":
+            p = self.patch_size
+            if p < 2 or p & (p - 1):
+                fail(f"`patch_size`={p}: the conv stem halves the image per layer, so the stride must be a "
+                     "power of two >= 2")
+            if self.vision_width % (p // 2) or (self.vision_width // (p // 2)) % CONV_STEM_GROUPS:
+                fail(f"`vision_width`={self.vision_width}: the conv stem's first layer has vision_width / "
+                     f"{p // 2} channels, which must be a multiple of {CONV_STEM_GROUPS} (its GroupNorm groups)")
         # Non-causal attention (ViT, pooler, cross-attention) runs on dalle3_fast.ops: its head dims apply.
         for width, heads, what in ((self.vision_width, self.vision_heads, "vision"),
                                    (self.vision_width, self.pooler_heads, "pooler"),
@@ -103,13 +121,13 @@ class CoCaConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "CoCaConfig":
-        """64x64 images, patch 8, width 128, 2+2+2 layers: trains on a CPU in minutes."""
-        return cls(**overrides)
+        """64x64 images, conv stem to an 8x8 grid, width 128, 2+2+2 layers: trains on a CPU in minutes."""
+        return cls(**{"image_stem": "conv", **overrides})
 
     @classmethod
     def small(cls, **overrides) -> "CoCaConfig":
-        """64x64 images, width 192 (head dim 64), 4+4+4 layers, 64 captioning queries."""
-        base = dict(image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3,
+        """64x64 images, conv stem to an 8x8 grid, width 192 (head dim 64), 4+4+4 layers, 64 captioning queries."""
+        base = dict(image_size=64, patch_size=8, image_stem="conv", vision_width=192, vision_layers=4, vision_heads=3,
                     pooler_heads=3, caption_queries=64, text_width=192, text_heads=3, text_layers=4,
                     multimodal_layers=4, embed_dim=192)
         return cls(**{**base, **overrides})

@@ -6,7 +6,7 @@ short synthetic captions ("ssc") or descriptive ones ("dsc"), as DALL-E 3 does.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +22,7 @@ class CaptionerTask(Task):
     @dataclass
     class Options(ImageDataOptions):
         preset: str = "tiny"          # CoCaConfig preset (tiny, small, base, large) for a new model
+        model_config: dict = field(default_factory=dict)  # CoCaConfig fields over the preset, e.g. {"image_stem": "conv"}
         init_from: str = ""           # a captioner directory to fine-tune (SSC / DSC stages)
         tokenizer: str = ""           # a tokenizer directory; "" trains one on scene-world captions
         tokenizer_vocab: int = 1000
@@ -33,11 +34,15 @@ class CaptionerTask(Task):
     def build_model(self) -> nn.Module:
         o = self.options
         if o.init_from:
+            if o.model_config:
+                raise ValueError("task_options.model_config shapes a new captioner; a fine-tune (init_from) keeps "
+                                 "its model's config, so remove model_config")
             model = CoCa.from_pretrained(o.init_from).train()
         else:
             from dalle3_fast.models.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(o.tokenizer or self._world_tokenizer())
-            model = CoCa.from_tokenizer(tokenizer, CoCaConfig.preset(o.preset, image_size=o.resolution))
+            preset = CoCaConfig.preset(o.preset, image_size=o.resolution).to_dict()
+            model = CoCa.from_tokenizer(tokenizer, CoCaConfig.from_dict({**preset, **o.model_config}))
         if self.ctx.activation_checkpointing:
             raise ValueError("activation_checkpointing: the CoCa captioner has no checkpointing switch; set it false")
         self.tokenizer, self._max_len = model.tokenizer, model.config.max_text_len

@@ -31,6 +31,10 @@ class ImageDataOptions:
     data_seed: int = 0                    # which world / which shard order
     resolution: int = 64                  # square size when no buckets are given
     buckets: list[list[int]] = field(default_factory=list)  # [[width, height], ...]
+    # shards only: the member that holds every sample's synthetic caption, e.g. "dsc" as written by
+    # ``python -m dalle3_fast.recaption``; the json's caption fields are then ignored and a sample without
+    # the member is an error. "": a .dsc/.ssc member where present, else the json's field.
+    synthetic_member: str = ""
 
 
 def bucket_sizes(options: ImageDataOptions, multiple: int = 8) -> list[Bucket]:
@@ -84,13 +88,28 @@ def _shard_records(options: ImageDataOptions, rank: int, world_size: int):
             raise ValueError(f"task_options.data: the shards {options.data!r} hold no readable sample")
 
 
-def _record(sample) -> dict:
-    """The sample's json, plus its caption members: ``.txt`` (alt) and the ``.ssc``/``.dsc`` a recaption job adds."""
+SYNTHETIC_FIELDS = ("ssc", "dsc")
+
+
+def _record(sample, synthetic_member: str = "") -> dict:
+    """The sample's json, plus its caption members: ``.txt`` (alt) and the ``.ssc``/``.dsc`` a recaption job adds.
+
+    With ``synthetic_member`` the json's synthetic captions are dropped and that member alone supplies one.
+    """
     record = dict(sample.json() or {})
     text = sample.text("txt")
     if text is not None:
         record.setdefault("alt", text)
-    for field in ("ssc", "dsc"):
+    if synthetic_member:
+        for field in SYNTHETIC_FIELDS:
+            record.pop(field, None)
+        synthetic = sample.text(synthetic_member)
+        if synthetic is None:
+            raise ValueError(f"task_options.synthetic_member: sample {sample.key!r} has no .{synthetic_member} member; "
+                             f"recaption the shards first (python -m dalle3_fast.recaption --style "
+                             f"{synthetic_member} ...) or set synthetic_member to \"\"")
+        record[synthetic_member] = synthetic
+    for field in SYNTHETIC_FIELDS:
         synthetic = sample.text(field)
         if synthetic is not None:
             record[field] = synthetic
@@ -104,13 +123,18 @@ def shard_batches(options: ImageDataOptions, batch_size: int, rank: int, world_s
     assigned = ((closest_bucket(w, h, sizes), sample) for sample, (w, h) in _shard_records(options, rank, world_size))
     for bucket, samples in itertools.islice(bucket_batches(assigned, batch_size, drop_last=True), start, None):
         # batches before ``start`` (resume) were skipped above without decoding an image
-        yield _collate([resize_to_bucket(s.image(), bucket) for s in samples], [_record(s) for s in samples])
+        yield _collate([resize_to_bucket(s.image(), bucket) for s in samples],
+                       [_record(s, options.synthetic_member) for s in samples])
 
 
 def image_batches(options: ImageDataOptions, batch_size: int, rank: int, world_size: int, start: int,
                   multiple: int = 8) -> Iterator[dict]:
     """``{"image": (B, 3, H, W) in [-1, 1], "records": [caption record per sample]}`` forever."""
     if options.data == "world":
+        if options.synthetic_member:
+            raise ValueError(f"task_options.synthetic_member={options.synthetic_member!r} reads a shard member, but "
+                             "data is \"world\"; write and recaption shards (python -m dalle3_fast.recaption) and "
+                             "point task_options.data at them, or set synthetic_member to \"\"")
         return world_batches(options, batch_size, rank, world_size, start, multiple)
     return shard_batches(options, batch_size, rank, world_size, start, multiple)
 

@@ -1,0 +1,112 @@
+"""The captioner's image stems: the conv stem against a plain-PyTorch reference (float64, forward and
+backward), training and files with it, and configs without the key (the shipped captioner) staying patch ViTs."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle3_fast import ops
+from dalle3_fast.models.captioner import CoCa, CoCaConfig
+from dalle3_fast.models.captioner.image_encoder import ConvStem
+from dalle3_fast.models.tokenizer import SentencePieceTokenizer
+
+ASSET = Path(__file__).resolve().parents[1] / "dalle3_fast" / "assets" / "captioner_dsc"
+SMALL = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=1, vision_heads=2, pooler_heads=2,
+             caption_queries=8, max_text_len=24, text_width=64, text_heads=2, text_layers=1, multimodal_layers=1,
+             embed_dim=32)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [f"a {c} {s} above a {d} {t}" for c in ("red", "blue", "green") for s in ("circle", "star", "square")
+             for d in ("red", "yellow") for t in ("cross", "triangle")]
+    return SentencePieceTokenizer.train(texts * 5, vocab_size=48)
+
+
+def reference_stem(stem: ConvStem, x):
+    for layer in stem.layers:
+        x = F.conv2d(x, layer.conv.weight, stride=2, padding=1)
+        x = F.silu(F.group_norm(x, layer.norm.num_groups, layer.norm.weight, layer.norm.bias, layer.norm.eps))
+    return F.conv2d(x, stem.proj.weight, stem.proj.bias)
+
+
+@pytest.mark.parametrize("backend", ["reference", *[b for b in ops.available_backends() if b == "cpu"]])
+@pytest.mark.parametrize("patch_size,image_size,width", [(8, 40, 64), (4, 28, 96), (2, 10, 32)])
+def test_conv_stem_matches_plain_pytorch_forward_and_backward(backend, patch_size, image_size, width):
+    torch.manual_seed(patch_size)
+    config = CoCaConfig(**{**SMALL, "image_stem": "conv", "patch_size": patch_size, "image_size": image_size,
+                           "vision_width": width, "vision_heads": width // 32, "pooler_heads": width // 32})
+    stem = ConvStem(config).double()
+    for p in stem.parameters():  # GroupNorm's affine starts at (1, 0): make it count
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 3, image_size, image_size, dtype=torch.float64, requires_grad=True)
+    with ops.use_backend(backend):
+        out = stem(x)
+    ref = reference_stem(stem, x)
+    grid = image_size // patch_size
+    assert out.shape == (3, width, grid, grid) == ref.shape
+    assert (out - ref).norm() / ref.norm() < 1e-10
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *stem.parameters()], g)
+    want = torch.autograd.grad(ref, [x, *stem.parameters()], g)
+    for a, b in zip(got, want):
+        assert (a - b).norm() / b.norm() < 1e-10
+
+
+def test_conv_stem_captioner_trains_every_parameter_and_round_trips(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = CoCa.from_tokenizer(tokenizer, CoCaConfig(**SMALL, image_stem="conv")).train()
+    batch = model.tokenize(["a red circle above a red cross", "a blue star above a yellow triangle"])
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    model(x, batch.ids, batch.lengths)["loss"].backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert any(n.startswith("visual.patch_embed.layers.") for n, _ in model.named_parameters())
+    model.eval().save_pretrained(tmp_path / "coca")
+    assert json.loads((tmp_path / "coca" / "config.json").read_text())["image_stem"] == "conv"
+    loaded = CoCa.from_pretrained(tmp_path / "coca")
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded.encode_image(x), model.encode_image(x), rtol=0, atol=0)
+
+
+def test_a_config_without_image_stem_is_the_patch_vit_it_was_written_as():
+    saved = json.loads((ASSET / "config.json").read_text())
+    assert "image_stem" not in saved  # written before the key existed
+    model = CoCa.from_pretrained(ASSET)  # strict: every stored tensor is used, none is missing
+    stem = model.visual.patch_embed
+    assert model.config.image_stem == "patch"
+    assert isinstance(stem, torch.nn.Conv2d) and stem.kernel_size == stem.stride == (8, 8)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    tokens = F.conv2d(x, stem.weight, stem.bias, stride=8).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(stem(x).flatten(2).transpose(1, 2), tokens)
+
+
+def test_stem_presets_and_errors():
+    assert CoCaConfig.tiny().image_stem == "conv" and CoCaConfig.small().image_stem == "conv"
+    assert CoCaConfig.base().image_stem == "patch" and CoCaConfig.large().image_stem == "patch"  # open_clip layouts
+    assert CoCaConfig().image_stem == "patch"
+    for name in ("tiny", "small"):
+        config = CoCaConfig.preset(name)
+        assert CoCaConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="`image_stem`='hybrid'; choose one of patch, conv"):
+        CoCaConfig(**SMALL, image_stem="hybrid")
+    with pytest.raises(ValueError, match="power of two"):
+        CoCaConfig(**{**SMALL, "image_size": 48, "image_stem": "conv", "patch_size": 6})
+    with pytest.raises(ValueError, match="multiple of 8"):
+        CoCaConfig(**{**SMALL, "vision_width": 96, "vision_heads": 3, "pooler_heads": 3, "patch_size": 16,
+                      "image_size": 32, "image_stem": "conv"})
+
+
+def test_conv_stem_starts_at_he_scale(tokenizer):
+    """GroupNorm after each 3x3 convolution makes it scale-invariant: at CoCa's N(0, 0.02) its effective learning
+    rate was ~30x too high and the stem learned no shapes (scripts/probe_image_stem.py), so it starts at He scale."""
+    torch.manual_seed(0)
+    model = CoCa.from_tokenizer(tokenizer, CoCaConfig.tiny(image_size=32))
+    for layer in model.visual.patch_embed.layers:
+        w = layer.conv.weight
+        he = (2.0 / (w.shape[0] * w.shape[2] * w.shape[3])) ** 0.5
+        assert 0.8 < float(w.std()) / he < 1.2
+    assert float(model.visual.patch_embed.proj.weight.std()) < 0.03  # the projection keeps CoCa's init

@@ -4,9 +4,9 @@
     pipe.decoder = TRTDecoder("decoder.plan", like=pipe.decoder)        # TensorRT, CUDA (export/tensorrt.py)
     images = pipe.decode(latents, decoder="consistency", seeds=seeds)
 
-``decode`` has ``LatentDecoder.decode``'s signature and draws its noise the same way (from ``generator`` in
-diffusers' order, or given), so swapping the PyTorch decoder for an engine leaves the images unchanged up to
-the engine's numerics.
+``decode`` has ``diffusion.decode_consistency``'s signature (less the decoder) and draws its noise the same way
+(from ``generator`` in diffusers' order, or given), so swapping the PyTorch decoder for an engine leaves the
+images unchanged up to the engine's numerics.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dalle3_fast.diffusion.latent_decoding import draw_noises
 from dalle3_fast.models.latent_decoder import LatentDecoder
 
 
@@ -43,7 +44,7 @@ class EngineDecoder(nn.Module):
             raise ValueError(f"{type(self).__name__}: latents must be (B, {self.latent_channels}, h, w), got {shape}")
         f = self.upsample_factor
         shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
-        noise_0, noise_1 = LatentDecoder._noises(noise, 2, shape, generator, z.device, z.dtype)
+        noise_0, noise_1 = draw_noises(noise, 2, shape, generator, z.device, z.dtype)
         return self.run(z, noise_0, noise_1)
 
 

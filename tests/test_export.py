@@ -160,7 +160,7 @@ def test_tensorrt_missing_says_how_to_install(pipeline_dir, tmp_path, capsys):
 
 @pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")
 def test_tensorrt_engine_decodes_like_pytorch(pipeline_dir, tmp_path):
-    from dalle3_fast.export.tensorrt import TRTDecoder
+    from dalle3_fast.export import TRTDecoder
     from dalle3_fast.pipeline import Dalle3Pipeline
 
     argv = ["--pipeline", str(pipeline_dir), "--part", "decoder", "--onnx", str(tmp_path / "d.onnx"),

@@ -1,7 +1,7 @@
 """A latent decoder backed by an exported 2-step graph, usable as ``Dalle3Pipeline.decoder``.
 
     pipe.decoder = ORTDecoder("decoder.onnx", like=pipe.decoder)        # onnxruntime, CPU
-    pipe.decoder = TRTDecoder("decoder.plan", like=pipe.decoder)        # TensorRT, CUDA (export/tensorrt.py)
+    pipe.decoder = TRTDecoder("decoder.plan", like=pipe.decoder)        # TensorRT, CUDA
     images = pipe.decode(latents, decoder="consistency", seeds=seeds)
 
 ``decode`` has ``diffusion.decode_consistency``'s signature (less the decoder) and draws its noise the same way
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from dalle3_fast.diffusion.latent_decoding import draw_noises
+from dalle3_fast.export.tensorrt import TRTEngine
 from dalle3_fast.models.latent_decoder import LatentDecoder
 
 
@@ -63,6 +64,18 @@ class ORTDecoder(EngineDecoder):
         return torch.from_numpy(out).to(latents.device)
 
 
+class TRTDecoder(EngineDecoder):
+    """The 2-step decoder engine (TensorRT, CUDA) as a drop-in ``Dalle3Pipeline.decoder``."""
+
+    def __init__(self, plan_path: str | os.PathLike, *, like: LatentDecoder):
+        super().__init__(like.config.latent_upsample_factor, like.config.latent_channels)
+        self.engine = TRTEngine(plan_path)
+
+    def run(self, latents, noise_0, noise_1):
+        out = self.engine(latents=latents, noise_0=noise_0, noise_1=noise_1)["images"]
+        return out.to(device=latents.device, dtype=latents.dtype)
+
+
 def use_decoder_engine(pipe, path: Path) -> None:
     """Replace the pipeline's latent decoder by the exported graph at ``path`` and make it the default decoder."""
     if not path.is_file():
@@ -72,8 +85,6 @@ def use_decoder_engine(pipe, path: Path) -> None:
     if path.suffix == ".onnx":
         pipe.decoder = ORTDecoder(path, like=pipe.decoder)
     else:
-        from dalle3_fast.export.tensorrt import TRTDecoder
-
         try:
             pipe.decoder = TRTDecoder(path, like=pipe.decoder)
         except RuntimeError as exc:

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dalle3_fast import io, ops
 from dalle3_fast.models.vae import DiagonalGaussian, Encoder, weights_file_name
+from dalle3_fast.nn.checkpointing import checkpointed
 from dalle3_fast.nn.embeddings import TimestepEmbedding
 from dalle3_fast.nn.resnet import ResnetBlock2D
 
@@ -42,12 +42,6 @@ def _resnet(in_ch, out_ch, temb_ch, groups, eps, scale_shift, **kw) -> ResnetBlo
                          time_embedding_norm="scale_shift" if scale_shift else "default", **kw)
 
 
-def _call(module, use_checkpoint, *args):
-    if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
-
-
 class ResnetDownsampleBlock(nn.Module):
     """diffusers' ResnetDownsampleBlock2D: ResBlocks, then a ResBlock with 2x2 average pooling."""
 
@@ -61,10 +55,10 @@ class ResnetDownsampleBlock(nn.Module):
     def forward(self, x, temb, use_checkpoint=False):
         skips = []
         for resnet in self.resnets:
-            x = _call(resnet, use_checkpoint, x, temb)
+            x = checkpointed(resnet, use_checkpoint, x, temb)
             skips.append(x)
         if self.downsamplers is not None:
-            x = _call(self.downsamplers[0], use_checkpoint, x, temb)
+            x = checkpointed(self.downsamplers[0], use_checkpoint, x, temb)
             skips.append(x)
         return x, skips
 
@@ -85,9 +79,9 @@ class ResnetUpsampleBlock(nn.Module):
     def forward(self, x, skips, temb, use_checkpoint=False):
         for resnet in self.resnets:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = _call(resnet, use_checkpoint, x, temb)
+            x = checkpointed(resnet, use_checkpoint, x, temb)
         if self.upsamplers is not None:
-            x = _call(self.upsamplers[0], use_checkpoint, x, temb)
+            x = checkpointed(self.upsamplers[0], use_checkpoint, x, temb)
         return x
 
 
@@ -100,7 +94,7 @@ class MidBlock(nn.Module):
 
     def forward(self, x, temb, use_checkpoint=False):
         for resnet in self.resnets:
-            x = _call(resnet, use_checkpoint, x, temb)
+            x = checkpointed(resnet, use_checkpoint, x, temb)
         return x
 
 

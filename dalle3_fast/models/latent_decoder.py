@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle3_fast import io, ops
-from dalle3_fast.models.vae import DiagonalGaussian, Encoder, weights_file_name
+from dalle3_fast.models.vae import DiagonalGaussian, Encoder
+from dalle3_fast.models.weights import weights_file_name
 from dalle3_fast.nn.checkpointing import checkpointed
 from dalle3_fast.nn.embeddings import TimestepEmbedding
 from dalle3_fast.nn.resnet import ResnetBlock2D

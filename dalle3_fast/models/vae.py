@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dalle3_fast import io, ops
+from dalle3_fast.models.weights import weights_file_name
 from dalle3_fast.nn.checkpointing import checkpointed
 from dalle3_fast.nn.resnet import ResnetBlock2D
 from dalle3_fast.nn.sampling import Downsample2D, Upsample2D
@@ -321,13 +322,6 @@ def vae_config(name: str, **overrides) -> AutoencoderKLConfig:
 
 
 # --------------------------------------------------------------------------- model
-
-def weights_file_name(variant: str | None = None) -> str:
-    """diffusion_pytorch_model[.{variant}].safetensors"""
-    if variant is None:
-        return io.DIFFUSERS_WEIGHTS
-    return io.DIFFUSERS_WEIGHTS.replace(".safetensors", f".{variant}.safetensors")
-
 
 def rename_legacy_attention_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Old diffusers VAE checkpoints name the mid attention query/key/value/proj_attn; map them to to_q/.../to_out.0."""

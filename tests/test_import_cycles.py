@@ -37,9 +37,6 @@ def module_files() -> dict[str, Path]:
 # Deferred-import cycles outside the latent decoder / export / models refactor, left to their owners:
 KNOWN_DEFERRED_CYCLES = [
     {"dalle3_fast._native", "dalle3_fast.ops.dispatch"},  # the op layer reports backends on import (issue 14.4)
-    # the task registry imports the built-in tasks lazily, and they import it to register
-    {"dalle3_fast.train.task", "dalle3_fast.train.tasks", "dalle3_fast.train.tasks.captioner",
-     "dalle3_fast.train.tasks.decoder", "dalle3_fast.train.tasks.unet", "dalle3_fast.train.tasks.vae"},
 ]
 
 

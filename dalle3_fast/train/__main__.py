@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             return 0
         from .loop import train
         from .config import build_dataclass
-        from .task import resolve_task
+        from .tasks import resolve_task
         build_dataclass(resolve_task(cfg.task).Options, cfg.task_options, prefix="task_options.")  # fail early
         summary = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (ConfigError, CheckpointError) as exc:

@@ -90,16 +90,13 @@ def test_explicit_noise_and_step_pieces_reproduce_decode():
     out = decode_consistency(model, z, generator=torch.Generator().manual_seed(4))
     assert torch.equal(decode_consistency(model, z, noise=noise), out)
     assert torch.equal(decode_consistency(model, z, noise=torch.stack(noise)), out)
-    with torch.no_grad():  # the steps by hand, in diffusers' VP form, from the shared schedule's tables
+    with torch.no_grad():  # the steps by hand: the shared schedule's sigmas, EDM scalings and the network
         cond = model.condition(z)
-        abar = decoder_schedule().alphas_cumprod
-        x = (1 - abar[1008]).sqrt().float() * noise[0]
-        x0 = decoder_denoiser(model)(x / abar[1008].sqrt().float(), decoder_schedule().sigmas[1008], cond=cond)
-        x = add_noise(decoder_schedule(), x0, noise[1], torch.tensor([512, 512]))
-        sigma = decoder_schedule().sigmas[512:513]
-        c_skip, c_out, c_in = (float(c) for c in edm_scalings(sigma))
-        x_ve = x / abar[512].sqrt().float()
-        manual = c_skip * x_ve + c_out * model(c_in * x_ve, 512, cond)
+        sigmas = decoder_schedule().sigmas[list(decoder_timesteps(2))].float()
+        x = noise[0] * sigmas[0]
+        x = decoder_denoiser(model)(x, sigmas[0], cond=cond) + sigmas[1] * noise[1]
+        c_skip, c_out, c_in = (c.float() for c in edm_scalings(sigmas[1].double()))
+        manual = c_skip * x + c_out * model(c_in * x, 512, cond)
     assert rel_err(manual, out) < 1e-6
     assert decoder_timesteps(2) == (1008, 512)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,9 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle3_fast.diffusion import Denoiser, NoiseSchedule, cfg_model_fn, get_sampler, initial_noise, sampling_sigmas
+from dalle3_fast.diffusion import (Denoiser, NoiseSchedule, cfg_model_fn, decode_consistency, get_sampler, initial_noise,
+                                   sampling_sigmas)
 from dalle3_fast.diffusion.guidance import concat_conditions
 from dalle3_fast.io import CheckpointError, atomic_write_bytes, read_config
+from dalle3_fast.models.latent_decoder import LatentDecoder
 from dalle3_fast.models.unet import UNet, pooled_text_embeds, size_time_ids
 
 MODEL_INDEX = "model_index.json"
@@ -86,7 +89,6 @@ class Dalle3Pipeline:
     # ------------------------------------------------------------------ files
     @classmethod
     def from_pretrained(cls, directory, *, device="cpu", dtype: torch.dtype = torch.float32) -> "Dalle3Pipeline":
-        from dalle3_fast.models.latent_decoder import LatentDecoder
         from dalle3_fast.models.text_encoder import T5TextEncoder
         from dalle3_fast.models.vae import AutoencoderKL
 
@@ -262,8 +264,12 @@ class Dalle3Pipeline:
         if self.decoder is None:
             raise PipelineError("this pipeline has no latent decoder; use decoder='vae'")
         seeds = list(seeds) if seeds is not None else [0] * latents.shape[0]
-        return torch.cat([self.decoder.decode(z[i:i + 1], generator=torch.Generator().manual_seed(int(s) + 1),
-                                              num_inference_steps=steps) for i, s in enumerate(seeds)])
+        # a LatentDecoder network runs on the shared consistency sampler; an exported engine
+        # (export.engine_decoder) holds sampler and network in one graph and decodes itself
+        decode = (partial(decode_consistency, self.decoder) if isinstance(self.decoder, LatentDecoder)
+                  else self.decoder.decode)
+        return torch.cat([decode(z[i:i + 1], generator=torch.Generator().manual_seed(int(s) + 1),
+                                 num_inference_steps=steps) for i, s in enumerate(seeds)])
 
     def revise(self, prompts: Sequence[str], upsampler=None) -> list[str]:
         """The revised (upsampled) prompts: ``upsampler.upsample(prompts)``; unchanged without one."""

@@ -18,6 +18,7 @@ import math
 import torch
 
 from dalle3_fast.data.world import compare, detect, world_sample
+from dalle3_fast.diffusion import decode_consistency, decode_ddim
 from dalle3_fast.models.latent_decoder import LatentDecoder
 from dalle3_fast.pipeline import Dalle3Pipeline, from_pil, to_pil
 
@@ -45,9 +46,10 @@ def main(argv=None) -> int:
     decoders = {"vae decoder": lambda z, g: pipe.vae.decode(z)}
     if teacher is not None:
         decoders[f"teacher, DDIM {args.teacher_steps} steps"] = \
-            lambda z, g: teacher.ddim_decode(z, args.teacher_steps, generator=g)
+            lambda z, g: decode_ddim(teacher, z, args.teacher_steps, generator=g)
     if pipe.decoder is not None:
-        decoders["distilled, 2 steps"] = lambda z, g: pipe.decoder.decode(z, generator=g, num_inference_steps=2)
+        decoders["distilled, 2 steps"] = lambda z, g: decode_consistency(pipe.decoder, z, generator=g,
+                                                                         num_inference_steps=2)
     sums = dict.fromkeys(decoders, 0.0)
     agree = {name: dict.fromkeys(AGREEMENT, 0) for name in decoders}
     with torch.no_grad():

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from dalle3_fast.diffusion import decode_consistency
 from dalle3_fast.export import ORTDecoder, part_spec
 from dalle3_fast.export.__main__ import main as export_main
 from dalle3_fast.export.onnx_export import onnx_session, relative_error
@@ -86,12 +87,12 @@ def test_decoder_exports_as_one_dynamic_graph(decoder_onnx, pipe):
     assert list(inputs) == ["latents", "noise_0", "noise_1"]
     assert [r["size"] for r in report["verify"]] == ["16x16", "8x8"]
     assert all(r["rel_err"] < 1e-3 for r in report["verify"])
-    # A size and batch the export never saw, against LatentDecoder.decode itself (not the graph module).
+    # A size and batch the export never saw, against the PyTorch decoder itself (not the graph module).
     session = onnx_session(path)
     gen = torch.Generator().manual_seed(5)
     z = torch.randn(3, 4, 12, 8, generator=gen)
     noise = torch.randn(2, 3, 3, 24, 16, generator=gen)
-    ref = pipe.decoder.decode(z, noise=noise)
+    ref = decode_consistency(pipe.decoder, z, noise=noise)
     out = session.run(None, {"latents": z.numpy(), "noise_0": noise[0].numpy(), "noise_1": noise[1].numpy()})[0]
     assert relative_error(out, ref.numpy()) < 1e-3
 
@@ -135,7 +136,7 @@ def test_decoder_graph_equals_latent_decoder_decode(pipe):
     inputs = spec.inputs(2, 16, 16, seed=3)
     with torch.no_grad():
         graph = spec.module(**inputs)
-    ref = pipe.decoder.decode(inputs["latents"], noise=[inputs["noise_0"], inputs["noise_1"]])
+    ref = decode_consistency(pipe.decoder, inputs["latents"], noise=[inputs["noise_0"], inputs["noise_1"]])
     torch.testing.assert_close(graph, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -159,7 +160,7 @@ def test_tensorrt_missing_says_how_to_install(pipeline_dir, tmp_path, capsys):
 
 @pytest.mark.skipif(TRT_REASON is not None, reason=TRT_REASON or "")
 def test_tensorrt_engine_decodes_like_pytorch(pipeline_dir, tmp_path):
-    from dalle3_fast.export.tensorrt import TRTDecoder
+    from dalle3_fast.export import TRTDecoder
     from dalle3_fast.pipeline import Dalle3Pipeline
 
     argv = ["--pipeline", str(pipeline_dir), "--part", "decoder", "--onnx", str(tmp_path / "d.onnx"),

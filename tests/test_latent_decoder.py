@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from dalle3_fast import io, ops
+from dalle3_fast.diffusion import (add_noise, decode_consistency, decode_ddim, decoder_denoiser, decoder_schedule,
+                                   decoder_timesteps, edm_scalings, inference_timesteps)
 from dalle3_fast.models.latent_decoder import (LatentDecoder, LatentDecoderConfig, count_parameters,
                                                latent_decoder_config)
 
@@ -54,11 +56,11 @@ def test_decode_matches_diffusers(enc, dec, layers, groups, h, w):
     z = torch.randn(2, 4, h, w, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = theirs.decode(z, generator=torch.Generator().manual_seed(7)).sample
-    out = ours.decode(z, generator=torch.Generator().manual_seed(7))
+    out = decode_consistency(ours, z, generator=torch.Generator().manual_seed(7))
     f = ours.config.latent_upsample_factor
     assert out.shape == ref.shape == (2, 3, h * f, w * f)
     assert rel_err(out, ref) < 1e-4
-    other = ours.decode(z, generator=torch.Generator().manual_seed(8))
+    other = decode_consistency(ours, z, generator=torch.Generator().manual_seed(8))
     assert rel_err(other, ref) > 1e-3  # the noise matters: the comparison above is not vacuous
 
 
@@ -85,16 +87,18 @@ def test_explicit_noise_and_step_pieces_reproduce_decode():
     z = torch.randn(2, 4, 3, 5)
     gen = torch.Generator().manual_seed(4)
     noise = [torch.randn(2, 3, 6, 10, generator=gen) for _ in range(2)]
-    out = model.decode(z, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(model.decode(z, noise=noise), out)
-    assert torch.equal(model.decode(z, noise=torch.stack(noise)), out)
-    with torch.no_grad():
+    out = decode_consistency(model, z, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(decode_consistency(model, z, noise=noise), out)
+    assert torch.equal(decode_consistency(model, z, noise=torch.stack(noise)), out)
+    with torch.no_grad():  # the steps by hand: the shared schedule's sigmas, EDM scalings and the network
         cond = model.condition(z)
-        x = model.schedule.table("sqrt_one_minus_alphas_cumprod")[1008] * noise[0]
-        x = model.consistency_step(x, cond, 1008, 512, noise[1])
-        manual = model.c_skip(512, x) * x + model.c_out(512, x) * model.denoise(x, cond, 512)
+        sigmas = decoder_schedule().sigmas[list(decoder_timesteps(2))].float()
+        x = noise[0] * sigmas[0]
+        x = decoder_denoiser(model)(x, sigmas[0], cond=cond) + sigmas[1] * noise[1]
+        c_skip, c_out, c_in = (c.float() for c in edm_scalings(sigmas[1].double()))
+        manual = c_skip * x + c_out * model(c_in * x, 512, cond)
     assert rel_err(manual, out) < 1e-6
-    assert model.default_timesteps(2) == (1008, 512)
+    assert decoder_timesteps(2) == (1008, 512)
 
 
 def test_schedule_matches_diffusers_scheduler():
@@ -102,11 +106,16 @@ def test_schedule_matches_diffusers_scheduler():
 
     sched = ConsistencyDecoderScheduler()
     model = small_decoder()
-    for name in ("c_skip", "c_out", "c_in", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"):
-        assert torch.allclose(model.schedule.table(name), getattr(sched, name), rtol=1e-6, atol=0), name
+    schedule = decoder_schedule(model.num_train_timesteps)
+    abar = schedule.alphas_cumprod
+    c_skip, c_out, c_in = edm_scalings(schedule.sigmas, model.sigma_data)
+    ours = {"c_skip": c_skip / abar.sqrt(), "c_out": c_out, "c_in": c_in / abar.sqrt(),  # VE -> diffusers' VP form
+            "sqrt_alphas_cumprod": abar.sqrt(), "sqrt_one_minus_alphas_cumprod": (1 - abar).sqrt()}
+    for name, table in ours.items():
+        assert torch.allclose(table.float(), getattr(sched, name), rtol=1e-6, atol=0), name
     x = torch.randn(3, 3, 4, 4)
     t = torch.tensor([5, 512, 1008])
-    assert torch.allclose(model.add_noise(torch.zeros_like(x), x, t),
+    assert torch.allclose(add_noise(schedule, torch.zeros_like(x), x, t),
                           sched.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1) * x)
 
 
@@ -119,17 +128,19 @@ def test_ddim_teacher_matches_diffusers_ddim(eta):
     steps = 4
     gen = torch.Generator().manual_seed(9)
     noises = [torch.randn(1, 3, 6, 10, generator=gen, dtype=torch.float64) for _ in range(steps)]
-    out = model.ddim_decode(z, num_inference_steps=steps, eta=eta, noise=noises if eta else noises[:1])
+    out = decode_ddim(model, z, num_inference_steps=steps, eta=eta, noise=noises if eta else noises[:1])
     ddim = diffusers.DDIMScheduler(num_train_timesteps=1024, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                                    set_alpha_to_one=True, prediction_type="sample", timestep_spacing="trailing")
     ddim.set_timesteps(steps)
     ddim.alphas_cumprod = ddim.alphas_cumprod.double()
-    assert ddim.timesteps.tolist() == model.ddim_timesteps(steps)
+    assert ddim.timesteps.tolist() == inference_timesteps(steps, 1024).long().tolist()
+    schedule, denoiser = decoder_schedule(), decoder_denoiser(model)
     with torch.no_grad():
         cond = model.condition(z)
-        x = model.schedule.table("sqrt_one_minus_alphas_cumprod")[ddim.timesteps[0]] * noises[0]
+        x = (1 - schedule.alphas_cumprod[ddim.timesteps[0]]).sqrt() * noises[0]
         for i, t in enumerate(ddim.timesteps):
-            x0 = model.predict_x0(x, cond, int(t))
+            abar = schedule.alphas_cumprod[int(t)]
+            x0 = denoiser(x / abar.sqrt(), schedule.sigmas[int(t)], cond=cond)  # VP sample -> VE -> x0
             vn = noises[i + 1] if eta and i + 1 < steps else torch.zeros_like(x)
             x = ddim.step(x0, t, x, eta=eta, variance_noise=vn).prev_sample
     assert rel_err(out, x) < 1e-4
@@ -139,10 +150,11 @@ def test_backends_agree():
     model = small_decoder()
     z = torch.randn(1, 4, 2, 3)
     with ops.use_backend("reference"):
-        ref = model.decode(z, generator=torch.Generator().manual_seed(0))
+        ref = decode_consistency(model, z, generator=torch.Generator().manual_seed(0))
     for backend in ops.available_backends():
         with ops.use_backend(backend):
-            assert rel_err(model.decode(z, generator=torch.Generator().manual_seed(0)), ref) < 1e-5, backend
+            out = decode_consistency(model, z, generator=torch.Generator().manual_seed(0))
+            assert rel_err(out, ref) < 1e-5, backend
 
 
 def test_gradients_flow_through_predict_x0():
@@ -150,8 +162,9 @@ def test_gradients_flow_through_predict_x0():
     model.decoder_unet.gradient_checkpointing = True
     cond = model.condition(torch.randn(2, 4, 2, 3))
     x0 = torch.rand(2, 3, 4, 6) * 2 - 1
-    t = torch.tensor([100, 900])
-    loss = (model.predict_x0(model.add_noise(x0, torch.randn_like(x0), t), cond, t) - x0).square().mean()
+    sigma = decoder_schedule().sigmas[torch.tensor([100, 900])]
+    x = x0 + sigma.view(-1, 1, 1, 1).float() * torch.randn_like(x0)
+    loss = (decoder_denoiser(model)(x, sigma, cond=cond) - x0).square().mean()
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
@@ -162,9 +175,9 @@ def test_round_trips_with_diffusers(tmp_path):
     theirs.save_pretrained(tmp_path / "theirs")
     ours = LatentDecoder.from_pretrained(tmp_path / "theirs")
     z = torch.randn(1, 4, 2, 3)
-    assert torch.equal(ours.decode(z, generator=torch.Generator().manual_seed(0)),
-                       LatentDecoder.from_pretrained(tmp_path / "theirs").decode(
-                           z, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(decode_consistency(ours, z, generator=torch.Generator().manual_seed(0)),
+                       decode_consistency(LatentDecoder.from_pretrained(tmp_path / "theirs"), z,
+                                          generator=torch.Generator().manual_seed(0)))
     ours.save_pretrained(tmp_path / "ours")
     back = diffusers.ConsistencyDecoderVAE.from_pretrained(tmp_path / "ours").eval()
     for k, v in theirs.state_dict().items():
@@ -173,9 +186,9 @@ def test_round_trips_with_diffusers(tmp_path):
     small = small_decoder(sigma_data=0.4)
     small.save_pretrained(tmp_path / "small")
     again = LatentDecoder.from_pretrained(tmp_path / "small")
-    assert again.encoder is None and again.schedule.sigma_data == 0.4
-    assert torch.equal(again.decode(z, generator=torch.Generator().manual_seed(1)),
-                       small.decode(z, generator=torch.Generator().manual_seed(1)))
+    assert again.encoder is None and again.sigma_data == 0.4
+    assert torch.equal(decode_consistency(again, z, generator=torch.Generator().manual_seed(1)),
+                       decode_consistency(small, z, generator=torch.Generator().manual_seed(1)))
 
 
 def test_config_and_input_errors(tmp_path):
@@ -196,13 +209,13 @@ def test_config_and_input_errors(tmp_path):
         LatentDecoder.from_pretrained(tmp_path / "d")
     model = small_decoder()
     with pytest.raises(ValueError, match=r"latents must be \(B, 4, h, w\)"):
-        model.decode(torch.randn(1, 3, 2, 2))
+        decode_consistency(model, torch.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match="`noise` must hold 2 tensors"):
-        model.decode(torch.randn(1, 4, 2, 2), noise=[torch.randn(1, 3, 4, 4)])
+        decode_consistency(model, torch.randn(1, 4, 2, 2), noise=[torch.randn(1, 3, 4, 4)])
     with pytest.raises(ValueError, match="num_inference_steps=3"):
-        model.decode(torch.randn(1, 4, 2, 2), num_inference_steps=3)
+        decode_consistency(model, torch.randn(1, 4, 2, 2), num_inference_steps=3)
     with pytest.raises(ValueError, match="outside"):
-        model.denoise(torch.randn(1, 3, 4, 4), model.condition(torch.randn(1, 4, 2, 2)), 1024)
+        model(torch.randn(1, 3, 4, 4), 1024, model.condition(torch.randn(1, 4, 2, 2)))
     with pytest.raises(ValueError, match="without an encoder"):
         model.encode(torch.randn(1, 3, 4, 4))
 
@@ -218,13 +231,13 @@ def test_bf16_and_channels_last_follow_fp32():
     model = small_decoder()
     z = torch.randn(2, 4, 3, 5)
     noise = torch.randn(2, 2, 3, 6, 10)
-    ref = model.decode(z, noise=noise)
+    ref = decode_consistency(model, z, noise=noise)
     twin = LatentDecoder(model.config).eval()
     twin.load_state_dict(model.state_dict())
     twin = twin.to(memory_format=torch.channels_last)
-    assert rel_err(twin.decode(z, noise=noise), ref) < 1e-5
+    assert rel_err(decode_consistency(twin, z, noise=noise), ref) < 1e-5
     twin = twin.to(torch.bfloat16)
-    out = twin.decode(z.bfloat16(), noise=noise)
+    out = decode_consistency(twin, z.bfloat16(), noise=noise)
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
 
 

@@ -300,7 +300,8 @@ def test_unet_task_exports_unet_and_schedule(tmp_path, tiny_parts):
 
 
 def test_unet_latent_reuse_batches_resume_mid_group(tmp_path, tiny_parts):
-    from dalle3_fast.train.task import TaskContext, build_task
+    from dalle3_fast.train.task import TaskContext
+    from dalle3_fast.train.tasks import build_task
 
     ctx = TaskContext(seed=0, device=torch.device("cpu"), rank=0, world_size=1, activation_checkpointing=False,
                       out_dir=tmp_path, precision="fp32")

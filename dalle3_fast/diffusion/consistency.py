@@ -7,6 +7,7 @@ pseudo-Huber loss. Functions are ``fn(x, sigma, **cond) -> x0`` in VE coordinate
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -15,6 +16,22 @@ from .schedule import NoiseSchedule, append_dims
 
 # OpenAI's consistency decoder / diffusers' ConsistencyDecoderScheduler: cosine schedule, 1024 steps.
 DECODER_TIMESTEPS = (1008, 512)
+DECODER_TRAIN_TIMESTEPS = 1024
+
+
+@functools.lru_cache(maxsize=8)
+def decoder_schedule(num_train_timesteps: int = DECODER_TRAIN_TIMESTEPS) -> NoiseSchedule:
+    """The latent decoder's schedule: cosine, in diffusers' float32 arithmetic (ConsistencyDecoderScheduler's tables)."""
+    return NoiseSchedule("cosine", num_train_timesteps, precision="float32")
+
+
+def decoder_timesteps(num_steps: int = 2, num_train_timesteps: int = DECODER_TRAIN_TIMESTEPS) -> tuple[int, ...]:
+    """(1008, 512) for 2 steps and (1008,) for 1, scaled to a schedule of ``num_train_timesteps``."""
+    if num_steps not in (1, 2):
+        raise ValueError(f"num_inference_steps={num_steps}: the consistency schedule is defined for 1 or 2 steps; "
+                         "pass `timesteps` explicitly for more, or sample the teacher with DDIM")
+    T = num_train_timesteps
+    return tuple(t * T // DECODER_TRAIN_TIMESTEPS for t in DECODER_TIMESTEPS[:num_steps])
 
 
 def consistency_sigmas(schedule: NoiseSchedule, timesteps: Sequence[int] = DECODER_TIMESTEPS) -> torch.Tensor:

@@ -58,14 +58,27 @@ class EDMDenoiser:
     def __init__(self, net: Net, schedule: NoiseSchedule, sigma_data: float = 0.5):
         self.net, self.schedule, self.sigma_data = net, schedule, sigma_data
 
+    def _scalings(self, sigma: torch.Tensor, x: torch.Tensor):
+        return (append_dims(c, x.ndim).to(x.dtype) for c in edm_scalings(sigma, self.sigma_data))
+
+    def network_output(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        """``F(c_in * x)`` at the timestep of ``sigma`` (float64 (B,))."""
+        _, _, c_in = self._scalings(sigma, x)
+        return self.net(x * c_in, self.schedule.sigma_to_t(sigma).to(torch.float32), **cond).to(x.dtype)
+
     def __call__(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
         sigma = _batch_sigma(sigma, x).to(torch.float64)
-        c_skip, c_out, c_in = (append_dims(c, x.ndim).to(x.dtype) for c in edm_scalings(sigma, self.sigma_data))
-        t = self.schedule.sigma_to_t(sigma).to(torch.float32)
-        out = self.net(x * c_in, t, **cond)
-        return c_skip * x + c_out * out.to(x.dtype)
+        c_skip, c_out, _ = self._scalings(sigma, x)
+        return c_skip * x + c_out * self.network_output(x, sigma, **cond)
 
     def training_target(self, x0: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """What ``F`` must output so that ``D == x0``; MSE on it is EDM's lambda-weighted denoising loss."""
-        c_skip, c_out, _ = (append_dims(c, x.ndim).to(x.dtype) for c in edm_scalings(sigma.to(torch.float64), self.sigma_data))
+        c_skip, c_out, _ = self._scalings(sigma.to(torch.float64), x)
         return (x0 - c_skip * x) / c_out
+
+    def loss(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        """EDM's denoising loss at ``x = x0 + sigma * noise``: MSE of ``F`` against :meth:`training_target`."""
+        sigma = _batch_sigma(sigma, x0).to(torch.float64)
+        x = x0 + append_dims(sigma, x0.ndim).to(x0.dtype) * noise
+        out = self.network_output(x, sigma, **cond)
+        return (out.float() - self.training_target(x0, x, sigma).float()).square().mean()

@@ -10,6 +10,8 @@
 - ``generator``: draws any fresh noise (only the stochastic samplers use it).
 - ``callback(i, x, denoised, sigma)``: called after each step with the step index, the new
   sample, the model's x0 estimate and the sigma it was made at.
+- ``noise_sampler(sigma, sigma_next) -> noise`` (stochastic samplers, k-diffusion's hook): where fresh
+  noise comes from instead of ``generator``; :func:`noise_list_sampler` replays given tensors.
 
 Each deterministic sampler reproduces a diffusers scheduler step for step (tests/test_diffusion.py):
 DDIM (DDIMScheduler, eta 0, set_alpha_to_one), Euler (EulerDiscreteScheduler), DPM-Solver++(2M)
@@ -24,6 +26,28 @@ import torch
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor, float], None]
+NoiseSampler = Callable[[float, float], torch.Tensor]
+
+
+def generator_noise_sampler(x: torch.Tensor, generator: torch.Generator | None) -> NoiseSampler:
+    """Standard normal noise shaped like ``x``, drawn on the generator's device (one seed, one picture on any device)."""
+    device = generator.device if generator is not None else x.device
+
+    def sample(sigma: float, sigma_next: float) -> torch.Tensor:
+        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    return sample
+
+
+def noise_list_sampler(noises) -> NoiseSampler:
+    """Hands out the given tensors in order, one per call (fixed noise for tests and exported graphs)."""
+    it = iter(noises)
+
+    def sample(sigma: float, sigma_next: float) -> torch.Tensor:
+        try:
+            return next(it)
+        except StopIteration:
+            raise ValueError("noise_list_sampler: more noise requested than given") from None
+    return sample
 
 
 def _check_sigmas(sigmas: torch.Tensor, x: torch.Tensor) -> list[float]:
@@ -45,13 +69,28 @@ def _sigma_batch(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_ddim(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
-                callback: Callback | None = None) -> torch.Tensor:
-    """Deterministic DDIM (eta 0): ``x_next = D + sigma_next * (x - D) / sigma``."""
+                callback: Callback | None = None, eta: float = 0.0,
+                noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
+    """DDIM: ``x_next = D + sigma_down * (x - D) / sigma + sigma_up * noise``.
+
+    ``eta`` 0 is deterministic (``sigma_down = sigma_next``); otherwise DDIM's eta in VE coordinates,
+    ``sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2)``, ``sigma_down^2 = sigma_next^2 - sigma_up^2``
+    (DDIMScheduler's variance; eta 1 is DDPM's posterior).
+    """
     s = _check_sigmas(sigmas, x)
+    if eta < 0:
+        raise ValueError(f"eta={eta} must be >= 0")
+    if eta and noise_sampler is None:
+        noise_sampler = generator_noise_sampler(x, generator)
     for i in range(len(s) - 1):
         denoised = model_fn(x, _sigma_batch(x, s[i]))
         eps = (x - denoised) / s[i]
-        x = denoised + eps * s[i + 1]
+        sigma_up = min(s[i + 1], eta * s[i + 1] * max(1 - s[i + 1] ** 2 / s[i] ** 2, 0.0) ** 0.5)
+        if sigma_up > 0:
+            sigma_down = max(s[i + 1] ** 2 - sigma_up ** 2, 0.0) ** 0.5
+            x = denoised + eps * sigma_down + sigma_up * noise_sampler(s[i], s[i + 1]).to(x)
+        else:
+            x = denoised + eps * s[i + 1]
         if callback is not None:
             callback(i, x, denoised, s[i])
     return x
@@ -98,7 +137,7 @@ def sample_dpmpp_2m(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, *,
 
 @torch.no_grad()
 def sample_consistency(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor, *, generator: torch.Generator | None = None,
-                       callback: Callback | None = None) -> torch.Tensor:
+                       callback: Callback | None = None, noise_sampler: NoiseSampler | None = None) -> torch.Tensor:
     """Multistep consistency sampling: jump to x0, re-noise to the next sigma with fresh noise, repeat.
 
     ``model_fn`` is a consistency function (maps any point of a trajectory to its x0); with
@@ -106,12 +145,11 @@ def sample_consistency(model_fn: ModelFn, x: torch.Tensor, sigmas: torch.Tensor,
     ``sigmas[0] * noise`` this is diffusers' ConsistencyDecoderScheduler (2 steps).
     """
     s = _check_sigmas(sigmas, x)
+    noise_sampler = noise_sampler or generator_noise_sampler(x, generator)
     for i in range(len(s) - 1):
         denoised = model_fn(x, _sigma_batch(x, s[i]))
         if s[i + 1] > 0:
-            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator is not None else x.device,
-                                dtype=x.dtype).to(x.device)
-            x = denoised + s[i + 1] * noise
+            x = denoised + s[i + 1] * noise_sampler(s[i], s[i + 1]).to(x)
         else:
             x = denoised
         if callback is not None:

@@ -6,7 +6,9 @@ Samplers work in k-diffusion's variance-exploding (VE) form, ``x = x0 + sigma * 
 ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)``; the two are related by
 ``x_ve = x_vp / sqrt(alpha_bar_t) = x_vp * sqrt(sigma_t**2 + 1)``.
 
-The schedule is held in float64; callers cast where they use it.
+The schedule is held in float64; callers cast where they use it. ``precision="float32"`` computes it
+the way diffusers' ConsistencyDecoderScheduler does (float32 betas and cumprod, ``sigma = sqrt(1/abar - 1)``
+in float32), so the latent decoder's coefficients equal diffusers' tables to float32 rounding.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import math
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+PRECISIONS = ("float64", "float32")
 _DIFFUSERS_NAMES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
@@ -24,17 +27,22 @@ class NoiseSchedule:
     ``beta_schedule``: ``"linear"`` (DDPM), ``"scaled_linear"`` (Stable Diffusion: linear in
     sqrt(beta)), or ``"cosine"`` (Nichol & Dhariwal, diffusers' ``squaredcos_cap_v2``, betas
     capped at ``max_beta``; the consistency decoder's schedule with 1024 timesteps).
+    ``precision``: ``"float64"``, or ``"float32"`` for diffusers' float32 arithmetic (see the module doc).
     """
 
     def __init__(self, beta_schedule: str = "scaled_linear", num_train_timesteps: int = 1000,
-                 beta_start: float = 0.00085, beta_end: float = 0.012, max_beta: float = 0.999):
+                 beta_start: float = 0.00085, beta_end: float = 0.012, max_beta: float = 0.999,
+                 precision: str = "float64"):
         if beta_schedule not in BETA_SCHEDULES:
             raise ValueError(f"beta_schedule={beta_schedule!r} is unknown; use one of {', '.join(BETA_SCHEDULES)}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={num_train_timesteps} must be at least 2")
         self.beta_schedule = beta_schedule
         self.num_train_timesteps = int(num_train_timesteps)
         self.beta_start, self.beta_end, self.max_beta = beta_start, beta_end, max_beta
+        self.precision = precision
         T = self.num_train_timesteps
         if beta_schedule == "linear":
             betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
@@ -45,13 +53,21 @@ class NoiseSchedule:
                 return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = torch.tensor([min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)],
                                  dtype=torch.float64)
-        self.betas = betas
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+        if precision == "float32":
+            abar = torch.cumprod(1.0 - betas.float(), dim=0)
+            self.betas, self.alphas_cumprod = betas.float().double(), abar.double()
+            self.sigmas = (1.0 / abar - 1).sqrt().double()
+        else:
+            self.betas = betas
+            self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+            self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
 
     def config(self) -> dict:
-        return {"beta_schedule": self.beta_schedule, "num_train_timesteps": self.num_train_timesteps,
-                "beta_start": self.beta_start, "beta_end": self.beta_end, "max_beta": self.max_beta}
+        config = {"beta_schedule": self.beta_schedule, "num_train_timesteps": self.num_train_timesteps,
+                  "beta_start": self.beta_start, "beta_end": self.beta_end, "max_beta": self.max_beta}
+        if self.precision != "float64":
+            config["precision"] = self.precision
+        return config
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":

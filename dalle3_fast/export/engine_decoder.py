@@ -1,12 +1,12 @@
 """A latent decoder backed by an exported 2-step graph, usable as ``Dalle3Pipeline.decoder``.
 
     pipe.decoder = ORTDecoder("decoder.onnx", like=pipe.decoder)        # onnxruntime, CPU
-    pipe.decoder = TRTDecoder("decoder.plan", like=pipe.decoder)        # TensorRT, CUDA (export/tensorrt.py)
+    pipe.decoder = TRTDecoder("decoder.plan", like=pipe.decoder)        # TensorRT, CUDA
     images = pipe.decode(latents, decoder="consistency", seeds=seeds)
 
-``decode`` has ``LatentDecoder.decode``'s signature and draws its noise the same way (from ``generator`` in
-diffusers' order, or given), so swapping the PyTorch decoder for an engine leaves the images unchanged up to
-the engine's numerics.
+``decode`` has ``diffusion.decode_consistency``'s signature (less the decoder) and draws its noise the same way
+(from ``generator`` in diffusers' order, or given), so swapping the PyTorch decoder for an engine leaves the
+images unchanged up to the engine's numerics.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from dalle3_fast.diffusion.latent_decoding import draw_noises
+from dalle3_fast.export.tensorrt import TRTEngine
 from dalle3_fast.models.latent_decoder import LatentDecoder
 
 
@@ -43,7 +45,7 @@ class EngineDecoder(nn.Module):
             raise ValueError(f"{type(self).__name__}: latents must be (B, {self.latent_channels}, h, w), got {shape}")
         f = self.upsample_factor
         shape = (z.shape[0], 3, z.shape[2] * f, z.shape[3] * f)
-        noise_0, noise_1 = LatentDecoder._noises(noise, 2, shape, generator, z.device, z.dtype)
+        noise_0, noise_1 = draw_noises(noise, 2, shape, generator, z.device, z.dtype)
         return self.run(z, noise_0, noise_1)
 
 
@@ -62,6 +64,18 @@ class ORTDecoder(EngineDecoder):
         return torch.from_numpy(out).to(latents.device)
 
 
+class TRTDecoder(EngineDecoder):
+    """The 2-step decoder engine (TensorRT, CUDA) as a drop-in ``Dalle3Pipeline.decoder``."""
+
+    def __init__(self, plan_path: str | os.PathLike, *, like: LatentDecoder):
+        super().__init__(like.config.latent_upsample_factor, like.config.latent_channels)
+        self.engine = TRTEngine(plan_path)
+
+    def run(self, latents, noise_0, noise_1):
+        out = self.engine(latents=latents, noise_0=noise_0, noise_1=noise_1)["images"]
+        return out.to(device=latents.device, dtype=latents.dtype)
+
+
 def use_decoder_engine(pipe, path: Path) -> None:
     """Replace the pipeline's latent decoder by the exported graph at ``path`` and make it the default decoder."""
     if not path.is_file():
@@ -71,8 +85,6 @@ def use_decoder_engine(pipe, path: Path) -> None:
     if path.suffix == ".onnx":
         pipe.decoder = ORTDecoder(path, like=pipe.decoder)
     else:
-        from dalle3_fast.export.tensorrt import TRTDecoder
-
         try:
             pipe.decoder = TRTDecoder(path, like=pipe.decoder)
         except RuntimeError as exc:

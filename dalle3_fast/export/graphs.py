@@ -17,35 +17,37 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dalle3_fast.diffusion import consistency_sigmas, decoder_schedule, decoder_timesteps, edm_scalings
+
 PARTS = ("decoder", "unet", "vae-decoder")
 EXAMPLE_TOKENS = 16
 
 
 class TwoStepDecoderGraph(nn.Module):
-    """``LatentDecoder.decode(z, noise=[noise_0, noise_1])`` for the 2-step schedule, unrolled into one graph.
+    """``decode_consistency(decoder, z, noise=[noise_0, noise_1])`` (2 steps) unrolled into one graph.
 
-    The per-step coefficients (c_in, c_skip, c_out, sqrt(abar), sqrt(1 - abar)) are read from the decoder's
-    float32 tables once and become scalar constants, so the graph holds no table lookups.
+    The steps are ``sample_consistency``'s on ``decoder_denoiser``; their sigmas and EDM scalings come from the
+    shared schedule once and become float32 scalar constants, so the graph holds no float64 and no table lookups.
     """
 
     def __init__(self, decoder):
         super().__init__()
         self.decoder = decoder
-        self.timesteps = decoder.default_timesteps(2)
-        names = ("c_in", "c_skip", "c_out", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
-        self.coefs = [{k: float(decoder.schedule.table(k)[t]) for k in names} for t in self.timesteps]
+        T = decoder.num_train_timesteps
+        self.timesteps = decoder_timesteps(2, T)
+        sigmas = consistency_sigmas(decoder_schedule(T), self.timesteps)[:2]
+        c_skip, c_out, c_in = edm_scalings(sigmas, decoder.sigma_data)
+        self.steps = [{"sigma": float(sigmas[i]), "c_skip": float(c_skip[i]), "c_out": float(c_out[i]),
+                       "c_in": float(c_in[i]), "t": t} for i, t in enumerate(self.timesteps)]
 
     def forward(self, latents: torch.Tensor, noise_0: torch.Tensor, noise_1: torch.Tensor) -> torch.Tensor:
         cond = self.decoder.condition(latents).to(noise_0.dtype)
-        first, second = self.coefs
-        x = first["sqrt_one_minus_alphas_cumprod"] * noise_0
-        x0 = self._predict_x0(x, cond, self.timesteps[0], first)
-        x = second["sqrt_alphas_cumprod"] * x0 + second["sqrt_one_minus_alphas_cumprod"] * noise_1
-        return self._predict_x0(x, cond, self.timesteps[1], second)
+        first, second = self.steps
+        x0 = self._denoise(first["sigma"] * noise_0, cond, first)
+        return self._denoise(x0 + second["sigma"] * noise_1, cond, second)
 
-    def _predict_x0(self, x, cond, t: int, c: dict) -> torch.Tensor:
-        out = self.decoder.decoder_unet(torch.cat([x * c["c_in"], cond], dim=1), t)[:, :3]
-        return c["c_out"] * out + c["c_skip"] * x
+    def _denoise(self, x, cond, step: dict) -> torch.Tensor:
+        return step["c_skip"] * x + step["c_out"] * self.decoder(x * step["c_in"], step["t"], cond)
 
 
 class UNetGraph(nn.Module):

@@ -1,7 +1,8 @@
 """TensorRT: build an engine from an exported ONNX file and run it on torch CUDA tensors.
 
     plan = build_engine("decoder.onnx", "decoder.plan", profile_shapes(spec, ...))
-    pipe.decoder = TRTDecoder("decoder.plan", like=pipe.decoder)     # Dalle3Pipeline.decode uses the engine
+    outputs = TRTEngine("decoder.plan")(latents=..., noise_0=..., noise_1=...)
+    (export.engine_decoder.TRTDecoder wraps a decoder engine as ``Dalle3Pipeline.decoder``.)
 
 Needs the ``tensorrt`` Python package (``pip install tensorrt`` on a machine with CUDA) and a GPU. The ONNX file
 is exported in the engine's dtype, so the network is built strongly typed: TensorRT keeps the file's types.
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from dalle3_fast.export.engine_decoder import EngineDecoder
 from dalle3_fast.export.graphs import PartSpec
 
 INSTALL_HINT = ("TensorRT is not available: install it with `pip install tensorrt` on a machine with an NVIDIA GPU "
@@ -122,15 +122,3 @@ class TRTEngine:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see the log above)")
         return outputs
-
-
-class TRTDecoder(EngineDecoder):
-    """The 2-step decoder engine as a drop-in ``Dalle3Pipeline.decoder`` (``decode(z, generator=, noise=)``)."""
-
-    def __init__(self, plan_path: str | os.PathLike, *, like):
-        super().__init__(like.config.latent_upsample_factor, like.config.latent_channels)
-        self.engine = TRTEngine(plan_path)
-
-    def run(self, latents, noise_0, noise_1):
-        out = self.engine(latents=latents, noise_0=noise_0, noise_1=noise_1)["images"]
-        return out.to(device=latents.device, dtype=latents.dtype)

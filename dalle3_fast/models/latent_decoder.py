@@ -1,111 +1,39 @@
-"""DALL-E 3's latent decoder: a pixel-space diffusion U-Net on VAE latents, sampled in 2 consistency steps.
+"""DALL-E 3's latent decoder network: a pixel-space diffusion U-Net on VAE latents.
 
 The layout is OpenAI's released consistency decoder as diffusers' ``ConsistencyDecoderVAE``
-holds it, so those directories load and ``decode`` matches diffusers' for the same noise:
+holds it, so those directories load:
 
     encoder, quant_conv   the SD KL-f8 encoder (models/vae.py), optional here
     decoder_unet          UNet2DModel: conv_in(3 noisy RGB + 4 upsampled latents) -> ResnetDownsampleBlock2D
                           levels -> mid (2 ResBlocks) -> ResnetUpsampleBlock2D levels -> GN+SiLU -> conv_out (6)
                           time: learned nn.Embedding over the train timesteps -> MLP -> scale-shift ResBlocks
-    schedule              cosine alpha_bar over 1024 steps; EDM preconditioning in VP form with sigma_data 0.5:
-                          sigma_t = sqrt(1/abar_t - 1)
-                          c_in  = abar_t^-1/2 / sqrt(sigma_t^2 + sd^2)
-                          c_skip = abar_t^-1/2 * sd^2 / (sigma_t^2 + sd^2)
-                          c_out = sigma_t * sd / sqrt(sigma_t^2 + sd^2)
-                          x0_hat = c_skip * x_t + c_out * F(c_in * x_t, latents, t)[:, :3]
 
-Sampling (``decode``): x = sqrt(1 - abar_t0) * noise_0; at each t_i: x0 = x0_hat(x, t_i), then
-x = sqrt(abar_t(i+1)) * x0 + sqrt(1 - abar_t(i+1)) * noise_(i+1), ending with x0. Two steps use t = (1008, 512).
-``ddim_decode`` runs the same network as an ordinary diffusion model over many steps (the teacher).
-
-Building blocks for training and distillation: ``condition``, ``denoise``, ``predict_x0``, ``add_noise``,
-``consistency_step``, ``c_skip``/``c_out``/``c_in``.
+The model is the network only (``condition`` then ``forward`` = EDM's F); the schedule (cosine, 1024
+timesteps), the EDM preconditioning with ``sigma_data`` and the samplers are the shared ones in
+``dalle3_fast.diffusion``: ``latent_decoding.decode_consistency`` (2 steps, equal to diffusers'
+ConsistencyDecoderVAE.decode for the same noise) and ``decode_ddim`` (the undistilled teacher).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dalle3_fast import io, ops
-from dalle3_fast.models.vae import DiagonalGaussian, Encoder, weights_file_name
+from dalle3_fast.models.vae import DiagonalGaussian, Encoder
+from dalle3_fast.models.weights import weights_file_name
+from dalle3_fast.nn.checkpointing import checkpointed
 from dalle3_fast.nn.embeddings import TimestepEmbedding
 from dalle3_fast.nn.resnet import ResnetBlock2D
 
 # The latent statistics OpenAI's decoder normalises with (diffusers hard-codes them).
 OPENAI_LATENTS_MEAN = (0.38862467, 0.02253063, 0.07381133, -0.0171294)
 OPENAI_LATENTS_STD = (0.9654121, 1.0440036, 0.76147926, 0.77022034)
-# The released decoder's 2-step schedule, for 1024 train timesteps.
-TWO_STEP_TIMESTEPS = (1008, 512)
 SCHEDULER_CONFIG = "scheduler_config.json"
-
-
-# --------------------------------------------------------------------------- schedule
-
-def cosine_alphas_cumprod(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """abar_t of the cosine schedule, computed as diffusers does (betas clipped at max_beta, float32 cumprod)."""
-    def alpha_bar(t):
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
-             for i in range(num_train_timesteps)]
-    return torch.cumprod(1.0 - torch.tensor(betas, dtype=torch.float32), dim=0)
-
-
-class ConsistencySchedule:
-    """Per-timestep float32 tables: abar, sqrt(abar), sqrt(1 - abar), c_skip, c_out, c_in.
-
-    Kept out of the module's buffers so casting the model to fp16/bf16 leaves them in float32.
-    """
-
-    def __init__(self, num_train_timesteps: int = 1024, sigma_data: float = 0.5):
-        self.num_train_timesteps = num_train_timesteps
-        self.sigma_data = sigma_data
-        abar = cosine_alphas_cumprod(num_train_timesteps)
-        sigmas = torch.sqrt(1.0 / abar - 1)
-        sqrt_recip_abar = torch.sqrt(1.0 / abar)
-        self._tables = {"cpu": {
-            "alphas_cumprod": abar,
-            "sqrt_alphas_cumprod": torch.sqrt(abar),
-            "sqrt_one_minus_alphas_cumprod": torch.sqrt(1.0 - abar),
-            "c_skip": sqrt_recip_abar * sigma_data ** 2 / (sigmas ** 2 + sigma_data ** 2),
-            "c_out": sigmas * sigma_data / (sigmas ** 2 + sigma_data ** 2) ** 0.5,
-            "c_in": sqrt_recip_abar / (sigmas ** 2 + sigma_data ** 2) ** 0.5,
-        }}
-
-    def table(self, name: str, device="cpu") -> torch.Tensor:
-        """The float32 table ``name`` (num_train_timesteps,) on ``device``."""
-        key = str(torch.device(device))
-        if key not in self._tables:
-            self._tables[key] = {k: v.to(device) for k, v in self._tables["cpu"].items()}
-        return self._tables[key][name]
-
-    def timesteps_tensor(self, t, batch: int, device) -> torch.Tensor:
-        """t (int, 0-dim or (B,) integer tensor) -> (B,) long tensor; ints and CPU tensors are range-checked."""
-        if isinstance(t, int) and not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"timestep {t} is outside [0, {self.num_train_timesteps})")
-        t = torch.as_tensor(t, device=device)
-        if t.is_floating_point():
-            raise ValueError(f"timestep must be an integer in [0, {self.num_train_timesteps}), got dtype {t.dtype}")
-        t = t.long().reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(batch)
-        if t.numel() != batch:
-            raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch}; pass one or one per sample")
-        if t.device.type == "cpu" and (t.min() < 0 or t.max() >= self.num_train_timesteps):
-            raise ValueError(f"timestep {t.tolist()} is outside [0, {self.num_train_timesteps})")
-        return t
-
-    def gather(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """table[t] as (B, 1, 1, 1) in ``like``'s dtype."""
-        return self.table(name, t.device)[t].to(device=like.device, dtype=like.dtype).view(-1, 1, 1, 1)
 
 
 # --------------------------------------------------------------------------- U-Net
@@ -113,12 +41,6 @@ class ConsistencySchedule:
 def _resnet(in_ch, out_ch, temb_ch, groups, eps, scale_shift, **kw) -> ResnetBlock2D:
     return ResnetBlock2D(in_channels=in_ch, out_channels=out_ch, temb_channels=temb_ch, groups=groups, eps=eps,
                          time_embedding_norm="scale_shift" if scale_shift else "default", **kw)
-
-
-def _call(module, use_checkpoint, *args):
-    if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(module, *args, use_reentrant=False)
-    return module(*args)
 
 
 class ResnetDownsampleBlock(nn.Module):
@@ -134,10 +56,10 @@ class ResnetDownsampleBlock(nn.Module):
     def forward(self, x, temb, use_checkpoint=False):
         skips = []
         for resnet in self.resnets:
-            x = _call(resnet, use_checkpoint, x, temb)
+            x = checkpointed(resnet, use_checkpoint, x, temb)
             skips.append(x)
         if self.downsamplers is not None:
-            x = _call(self.downsamplers[0], use_checkpoint, x, temb)
+            x = checkpointed(self.downsamplers[0], use_checkpoint, x, temb)
             skips.append(x)
         return x, skips
 
@@ -158,9 +80,9 @@ class ResnetUpsampleBlock(nn.Module):
     def forward(self, x, skips, temb, use_checkpoint=False):
         for resnet in self.resnets:
             x = torch.cat([x, skips.pop()], dim=1)
-            x = _call(resnet, use_checkpoint, x, temb)
+            x = checkpointed(resnet, use_checkpoint, x, temb)
         if self.upsamplers is not None:
-            x = _call(self.upsamplers[0], use_checkpoint, x, temb)
+            x = checkpointed(self.upsamplers[0], use_checkpoint, x, temb)
         return x
 
 
@@ -173,7 +95,7 @@ class MidBlock(nn.Module):
 
     def forward(self, x, temb, use_checkpoint=False):
         for resnet in self.resnets:
-            x = _call(resnet, use_checkpoint, x, temb)
+            x = checkpointed(resnet, use_checkpoint, x, temb)
         return x
 
 
@@ -372,9 +294,6 @@ def latent_decoder_config(name: str, **overrides) -> LatentDecoderConfig:
 
 # --------------------------------------------------------------------------- model
 
-NoiseArg = torch.Tensor | Sequence[torch.Tensor] | None
-
-
 class LatentDecoder(nn.Module):
     """Latents -> images by a few steps of a pixel-space diffusion decoder (ConsistencyDecoderVAE layout)."""
 
@@ -399,15 +318,16 @@ class LatentDecoder(nn.Module):
             c.decoder_in_channels, c.decoder_out_channels, c.decoder_block_out_channels, c.decoder_layers_per_block,
             c.decoder_norm_num_groups, c.decoder_norm_eps, c.decoder_num_train_timesteps,
             c.decoder_resnet_time_scale_shift)
-        self.schedule = ConsistencySchedule(c.decoder_num_train_timesteps, c.sigma_data)
         self.register_buffer("means", torch.tensor(c.latents_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("stds", torch.tensor(c.latents_std).view(1, -1, 1, 1), persistent=False)
-
-    # ---------------------------------------------------------------- pieces
 
     @property
     def num_train_timesteps(self) -> int:
         return self.config.decoder_num_train_timesteps
+
+    @property
+    def sigma_data(self) -> float:
+        return self.config.sigma_data
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images in [-1, 1] -> posterior over (unscaled) latents; needs a config with ``with_encoder``."""
@@ -425,136 +345,38 @@ class LatentDecoder(nn.Module):
         z = (z * c.scaling_factor - self.means.to(z.dtype)) / self.stds.to(z.dtype)
         return F.interpolate(z, mode="nearest", scale_factor=c.latent_upsample_factor)
 
-    def _t(self, t, like: torch.Tensor) -> torch.Tensor:
-        return self.schedule.timesteps_tensor(t, like.shape[0], like.device)
+    def timesteps(self, t, batch: int, device) -> torch.Tensor:
+        """t (int, float or (B,) tensor) -> (B,) long, rounded to the nearest of the learned timestep embeddings.
 
-    def c_skip(self, t, like: torch.Tensor) -> torch.Tensor:
-        return self.schedule.gather("c_skip", self._t(t, like), like)
+        Ints and CPU tensors are range-checked.
+        """
+        T = self.num_train_timesteps
+        if isinstance(t, (int, float)):  # checked in Python, so a traced graph holds no data-dependent branch
+            if not 0 <= round(t) < T:
+                raise ValueError(f"timestep {t} is outside [0, {T})")
+            return torch.as_tensor(round(t), device=device).expand(batch)
+        t = torch.as_tensor(t, device=device)
+        if t.is_floating_point():
+            t = t.round()
+        t = t.long().reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"timestep has {t.numel()} entries for a batch of {batch}; pass one or one per sample")
+        if t.device.type == "cpu" and (t.min() < 0 or t.max() >= T):
+            raise ValueError(f"timestep {t.tolist()} is outside [0, {T})")
+        return t
 
-    def c_out(self, t, like: torch.Tensor) -> torch.Tensor:
-        return self.schedule.gather("c_out", self._t(t, like), like)
+    def forward(self, sample: torch.Tensor, timestep, cond: torch.Tensor) -> torch.Tensor:
+        """The EDM network F: sample (B, 3, H, W), already scaled by c_in; cond from :meth:`condition` -> (B, 3, H, W).
 
-    def c_in(self, t, like: torch.Tensor) -> torch.Tensor:
-        return self.schedule.gather("c_in", self._t(t, like), like)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
-        """q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
-        t = self._t(t, x0)
-        return (self.schedule.gather("sqrt_alphas_cumprod", t, x0) * x0
-                + self.schedule.gather("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
-
-    def model_output(self, x_t: torch.Tensor, cond: torch.Tensor, t) -> torch.Tensor:
-        """The raw U-Net output (B, decoder_out_channels, H, W) on [c_in(t) * x_t, cond]."""
-        if x_t.shape[0] != cond.shape[0] or x_t.shape[-2:] != cond.shape[-2:] or x_t.shape[1] != 3:
-            raise ValueError(f"LatentDecoder: x_t {tuple(x_t.shape)} must be (B, 3, H, W) matching the "
+        Samplers reach it through ``diffusion.latent_decoding`` (an ``EDMDenoiser`` on the cosine 1024-step schedule).
+        """
+        if sample.shape[0] != cond.shape[0] or sample.shape[-2:] != cond.shape[-2:] or sample.shape[1] != 3:
+            raise ValueError(f"LatentDecoder: x_t {tuple(sample.shape)} must be (B, 3, H, W) matching the "
                              f"conditioning {tuple(cond.shape)}")
-        t = self._t(t, x_t)
-        model_input = torch.cat([x_t * self.schedule.gather("c_in", t, x_t), cond.to(x_t.dtype)], dim=1)
-        return self.decoder_unet(model_input, t)
-
-    def denoise(self, x_t: torch.Tensor, cond: torch.Tensor, t) -> torch.Tensor:
-        """F(x_t, t): the RGB part of the U-Net output, before the c_skip/c_out combination."""
-        return self.model_output(x_t, cond, t)[:, :3]
-
-    def predict_x0(self, x_t: torch.Tensor, cond: torch.Tensor, t) -> torch.Tensor:
-        """The consistency function / EDM denoiser: c_skip(t) x_t + c_out(t) F(x_t, t)."""
-        t = self._t(t, x_t)
-        out = self.denoise(x_t, cond, t)
-        return self.schedule.gather("c_out", t, out) * out + self.schedule.gather("c_skip", t, x_t) * x_t
-
-    def consistency_step(self, x_t: torch.Tensor, cond: torch.Tensor, t, next_t=None,
-                         noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One sampling step: x0 = predict_x0(x_t, t); re-noised to ``next_t`` with ``noise`` unless next_t is None."""
-        x0 = self.predict_x0(x_t, cond, t)
-        if next_t is None:
-            return x0
-        if noise is None:
-            raise ValueError("consistency_step: pass `noise` (B, 3, H, W) to re-noise to next_t")
-        return self.add_noise(x0, noise.to(x0.dtype), next_t)
-
-    def default_timesteps(self, num_inference_steps: int) -> tuple[int, ...]:
-        """(1008, 512) for 2 steps and (1008,) for 1, scaled to this schedule's length."""
-        if num_inference_steps not in (1, 2):
-            raise ValueError(f"num_inference_steps={num_inference_steps}: the consistency schedule is defined for "
-                             "1 or 2 steps; pass `timesteps` explicitly for more, or use ddim_decode")
-        T = self.num_train_timesteps
-        return tuple(t * T // 1024 for t in TWO_STEP_TIMESTEPS[:num_inference_steps])
-
-    # ---------------------------------------------------------------- sampling
-
-    @staticmethod
-    def _noises(noise: NoiseArg, count: int, shape, generator, device, dtype) -> list[torch.Tensor]:
-        """``count`` noise tensors: the given ones (checked) or drawn from ``generator`` in diffusers' order."""
-        if noise is None:
-            gen_device = generator.device if generator is not None else device
-            return [torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
-                    for _ in range(count)]
-        noises = list(noise.unbind(0)) if isinstance(noise, torch.Tensor) and noise.dim() == 5 else list(
-            [noise] if isinstance(noise, torch.Tensor) else noise)
-        if len(noises) < count or any(tuple(n.shape) != tuple(shape) for n in noises[:count]):
-            raise ValueError(f"`noise` must hold {count} tensors of shape {tuple(shape)} (a list or a "
-                             f"({count}, *shape) tensor), got {[tuple(n.shape) for n in noises]}")
-        return [n.to(device=device, dtype=dtype) for n in noises[:count]]
-
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor, generator: torch.Generator | None = None, noise: NoiseArg = None,
-               num_inference_steps: int = 2, timesteps: Sequence[int] | None = None) -> torch.Tensor:
-        """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) in about [-1, 1].
-
-        Noise: ``noise`` as len(timesteps) tensors (B, 3, H, W) — the start noise then one per re-noising — or
-        drawn in that order from ``generator`` (the same draws as diffusers' ConsistencyDecoderVAE.decode).
-        """
-        timesteps = tuple(timesteps) if timesteps is not None else self.default_timesteps(num_inference_steps)
-        if not timesteps:
-            raise ValueError("decode: `timesteps` is empty")
-        cond = self.condition(z)
-        B, _, H, W = cond.shape
-        noises = self._noises(noise, len(timesteps), (B, 3, H, W), generator, cond.device, cond.dtype)
-        x = self.add_noise(torch.zeros_like(noises[0]), noises[0], timesteps[0])
-        for i, t in enumerate(timesteps):
-            last = i == len(timesteps) - 1
-            x = self.consistency_step(x, cond, t, None if last else timesteps[i + 1], None if last else noises[i + 1])
-        return x
-
-    def ddim_timesteps(self, num_inference_steps: int) -> list[int]:
-        """Evenly spaced, descending, ending near 0 ("trailing" spacing): 50 -> [1023, 1002, ..., 20]."""
-        T = self.num_train_timesteps
-        if not 1 <= num_inference_steps <= T:
-            raise ValueError(f"num_inference_steps must be in [1, {T}], got {num_inference_steps}")
-        return [int(round(T - i * T / num_inference_steps)) - 1 for i in range(num_inference_steps)]
-
-    @torch.no_grad()
-    def ddim_decode(self, z: torch.Tensor, num_inference_steps: int = 50, eta: float = 0.0,
-                    generator: torch.Generator | None = None, noise: NoiseArg = None,
-                    timesteps: Sequence[int] | None = None, clip_denoised: bool = False) -> torch.Tensor:
-        """The undistilled decoder as an ordinary diffusion sampler (the distillation teacher).
-
-        DDIM (eta=0) or DDPM-like (eta=1) over the 1024-step schedule, x0 from ``predict_x0``. Noise: the start
-        noise, then (eta > 0) one per step, from ``noise`` or ``generator``.
-        """
-        timesteps = list(timesteps) if timesteps is not None else self.ddim_timesteps(num_inference_steps)
-        cond = self.condition(z)
-        B, _, H, W = cond.shape
-        shape = (B, 3, H, W)
-        count = 1 + (len(timesteps) - 1 if eta > 0 else 0)
-        noises = self._noises(noise, count, shape, generator, cond.device, cond.dtype)
-        sched = self.schedule
-        x = self.add_noise(torch.zeros_like(noises[0]), noises[0], timesteps[0])
-        for i, t in enumerate(timesteps):
-            tt = self._t(t, x)
-            x0 = self.predict_x0(x, cond, tt)
-            if clip_denoised:
-                x0 = x0.clamp(-1, 1)
-            if i == len(timesteps) - 1:
-                return x0
-            tn = self._t(timesteps[i + 1], x)
-            abar, abar_next = sched.gather("alphas_cumprod", tt, x), sched.gather("alphas_cumprod", tn, x)
-            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
-            sigma = eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).clamp(min=0).sqrt()
-            x = abar_next.sqrt() * x0 + (1 - abar_next - sigma ** 2).clamp(min=0).sqrt() * eps
-            if eta > 0:
-                x = x + sigma * noises[i + 1]
-        return x
+        t = self.timesteps(timestep, sample.shape[0], sample.device)
+        return self.decoder_unet(torch.cat([sample, cond.to(sample.dtype)], dim=1), t)[:, :3]
 
     # ---------------------------------------------------------------- I/O
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from dalle3_fast import io, ops
 from dalle3_fast.models import unet_config
+from dalle3_fast.models.weights import weights_file_name
 from dalle3_fast.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
                                             UpBlock2D)
 from dalle3_fast.nn.attention import Attention, TextContext
@@ -29,14 +30,6 @@ from dalle3_fast.nn.embeddings import TimestepEmbedding, Timesteps
 
 WEIGHTS_NAME = io.DIFFUSERS_WEIGHTS
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-
-
-def _variant_name(name: str, variant: str | None) -> str:
-    """diffusers' naming: the variant goes before the last suffix (``x.fp16.safetensors``, ``x.safetensors.index.fp16.json``)."""
-    if variant is None:
-        return name
-    stem, ext = name.rsplit(".", 1)
-    return f"{stem}.{variant}.{ext}"
 
 
 def pooled_text_embeds(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -138,7 +131,7 @@ class UNet(nn.Module):
     def save_pretrained(self, directory, *, variant: str | None = None) -> None:
         """Write ``directory/config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` (diffusers format)."""
         config = {"_class_name": unet_config.DIFFUSERS_CLASS, **self.config}
-        io.save_pretrained(self, config, directory, weights_name=_variant_name(WEIGHTS_NAME, variant))
+        io.save_pretrained(self, config, directory, weights_name=weights_file_name(variant, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory, *, variant: str | None = None, dtype: torch.dtype | None = None,
@@ -166,10 +159,10 @@ class UNet(nn.Module):
     def _read_weights(directory: Path, variant: str | None) -> dict[str, torch.Tensor]:
         candidates = [variant] if variant is not None else [None, "fp16"]
         for v in candidates:
-            single = directory / _variant_name(WEIGHTS_NAME, v)
+            single = directory / weights_file_name(v, WEIGHTS_NAME)
             if single.is_file():
                 return io.load_safetensors(single)
-            index = directory / _variant_name(WEIGHTS_INDEX_NAME, v)
+            index = directory / weights_file_name(v, WEIGHTS_INDEX_NAME)
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
@@ -179,7 +172,7 @@ class UNet(nn.Module):
                 for shard in sorted(set(weight_map.values())):
                     state.update(io.load_safetensors(directory / shard))
                 return state
-        wanted = ", ".join(_variant_name(WEIGHTS_NAME, v) for v in candidates)
+        wanted = ", ".join(weights_file_name(v, WEIGHTS_NAME) for v in candidates)
         raise io.no_weights_error(directory, f"{wanted} (or a sharded index)", "U-Net weights")
 
     def load_state_dict_strict(self, state: dict[str, torch.Tensor], source: str = "weights") -> None:

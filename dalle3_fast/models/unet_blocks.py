@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dalle3_fast.nn.attention import TextContext
+from dalle3_fast.nn.checkpointing import checkpointed
 from dalle3_fast.nn.resnet import ResnetBlock2D
 from dalle3_fast.nn.sampling import Downsample2D, Upsample2D
 from dalle3_fast.nn.transformer import SpatialTransformer
@@ -21,9 +21,7 @@ class _Block(nn.Module):
     gradient_checkpointing = False
 
     def _run(self, layer: nn.Module, *args):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(layer, *args, use_reentrant=False)
-        return layer(*args)
+        return checkpointed(layer, self.gradient_checkpointing, *args)
 
 
 def _resnet(in_channels, out_channels, temb_channels, *, eps, groups, dropout, time_scale_shift,

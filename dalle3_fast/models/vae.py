@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dalle3_fast import io, ops
+from dalle3_fast.models.weights import weights_file_name
+from dalle3_fast.nn.checkpointing import checkpointed
 from dalle3_fast.nn.resnet import ResnetBlock2D
 from dalle3_fast.nn.sampling import Downsample2D, Upsample2D
 from dalle3_fast.ops.checks import SUPPORTED_HEAD_DIMS
@@ -125,12 +126,6 @@ class UpDecoderBlock(nn.Module):
         return x
 
 
-def _run(module: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(module, x, use_reentrant=False)
-    return module(x)
-
-
 class Encoder(nn.Module):
     """Image (B, in_channels, H, W) -> (B, 2*latent_channels or latent_channels, H/f, W/f), f = 2**(levels-1)."""
 
@@ -153,8 +148,8 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
         for block in self.down_blocks:
-            x = _run(block, x, self.gradient_checkpointing)
-        x = _run(self.mid_block, x, self.gradient_checkpointing)
+            x = checkpointed(block, self.gradient_checkpointing, x)
+        x = checkpointed(self.mid_block, self.gradient_checkpointing, x)
         x = ops.group_norm_silu(x, self.conv_norm_out.weight, self.conv_norm_out.bias,
                                 self.conv_norm_out.num_groups, self.conv_norm_out.eps)
         return self.conv_out(x)
@@ -181,9 +176,9 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)
-        x = _run(self.mid_block, x, self.gradient_checkpointing)
+        x = checkpointed(self.mid_block, self.gradient_checkpointing, x)
         for block in self.up_blocks:
-            x = _run(block, x, self.gradient_checkpointing)
+            x = checkpointed(block, self.gradient_checkpointing, x)
         x = ops.group_norm_silu(x, self.conv_norm_out.weight, self.conv_norm_out.bias,
                                 self.conv_norm_out.num_groups, self.conv_norm_out.eps)
         return self.conv_out(x)
@@ -331,13 +326,6 @@ def vae_config(name: str, **overrides) -> AutoencoderKLConfig:
 
 
 # --------------------------------------------------------------------------- model
-
-def weights_file_name(variant: str | None = None) -> str:
-    """diffusion_pytorch_model[.{variant}].safetensors"""
-    if variant is None:
-        return io.DIFFUSERS_WEIGHTS
-    return io.DIFFUSERS_WEIGHTS.replace(".safetensors", f".{variant}.safetensors")
-
 
 def rename_legacy_attention_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Old diffusers VAE checkpoints name the mid attention query/key/value/proj_attn; map them to to_q/.../to_out.0."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dalle3_fast import ops
 from dalle3_fast.nn.attention import Attention, TextContext
+from dalle3_fast.nn.checkpointing import checkpointed
 
 
 class GEGLU(nn.Module):
@@ -121,10 +121,7 @@ class SpatialTransformer(nn.Module):
                                 self.norm.eps, silu=False)
         tokens = self._token_linear(self.proj_in, h.permute(0, 2, 3, 1).reshape(B, H * W, C))
         for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, context, use_reentrant=False)
-            else:
-                tokens = block(tokens, context)
+            tokens = checkpointed(block, self.gradient_checkpointing, tokens, context)
         out = self._token_linear(self.proj_out, tokens).reshape(B, H, W, C).permute(0, 3, 1, 2)
         if not residual.is_contiguous(memory_format=torch.channels_last) or residual.is_contiguous():
             out = out.contiguous()

@@ -5,7 +5,8 @@ for the config format, :mod:`.checkpoint` for the checkpoint layout.
 """
 from .config import ConfigError, OptimizerConfig, TrainConfig, load_config
 from .loop import lr_at, train
-from .task import TASKS, Task, TaskContext, register_task, resolve_task
+from .task import TASKS, Task, TaskContext, register_task
+from .tasks import resolve_task
 
 __all__ = ["ConfigError", "OptimizerConfig", "TASKS", "Task", "TaskContext", "TrainConfig", "load_config", "lr_at",
            "register_task", "resolve_task", "train"]

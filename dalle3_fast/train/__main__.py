@@ -46,7 +46,7 @@ def main(argv=None) -> int:
             return 0
         from .loop import train
         from .config import build_dataclass
-        from .task import resolve_task
+        from .tasks import resolve_task
         build_dataclass(resolve_task(cfg.task).Options, cfg.task_options, prefix="task_options.")  # fail early
         out = Path(cfg.out_dir)
         try:

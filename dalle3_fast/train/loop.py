@@ -24,7 +24,8 @@ from .ema import EMA
 from .images import save_grid
 from .metrics import MetricsLogger, trim_step_log
 from .prefetch import Prefetcher
-from .task import Task, TaskContext, build_task
+from .task import Task, TaskContext
+from .tasks import build_task
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,7 +1,7 @@
 """What a task is: the model, data and loss the one training loop runs.
 
 A task is a class registered under a name (``@register_task("unet")``), or named in a config as
-``"package.module:ClassName"``. Its ``Options`` dataclass validates ``task_options``. The loop calls:
+``"package.module:ClassName"``; ``train.tasks.resolve_task`` finds it (that package holds the built-in tasks). Its ``Options`` dataclass validates ``task_options``. The loop calls:
 
 - ``build_model() -> nn.Module``: the trained network (frozen helpers such as the text encoder
   or the VAE live on the task, not in this module, so they are neither trained nor saved);
@@ -17,8 +17,6 @@ A task is a class registered under a name (``@register_task("unet")``), or named
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,7 +24,6 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .config import ConfigError, build_dataclass
 
 
 @dataclass
@@ -89,27 +86,3 @@ def register_task(name: str):
         cls.task_name = name
         return cls
     return wrap
-
-
-def resolve_task(name: str) -> type[Task]:
-    from . import tasks  # noqa: F401  (registers the built-in tasks)
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"config key 'task': cannot import {name!r} ({exc})") from exc
-        if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise ConfigError(f"config key 'task': {name!r} is not a Task subclass")
-        return cls
-    if name not in TASKS:
-        raise ConfigError(f"config key 'task' is {name!r}; known tasks: {', '.join(sorted(TASKS))} "
-                          "(or give 'package.module:ClassName')")
-    return TASKS[name]
-
-
-def build_task(name: str, options: dict, ctx: TaskContext) -> Task:
-    cls = resolve_task(name)
-    if not dataclasses.is_dataclass(cls.Options):
-        raise TypeError(f"{cls.__name__}.Options must be a dataclass")
-    return cls(build_dataclass(cls.Options, options, prefix="task_options."), ctx)

@@ -7,7 +7,8 @@ from torch import nn
 
 from dalle3_fast import ops
 from dalle3_fast.models.captioner.config import CONV_STEM_GROUPS, CoCaConfig
-from dalle3_fast.models.captioner.layers import AttentionalPooler, EncoderBlock, run_block
+from dalle3_fast.models.captioner.layers import AttentionalPooler, EncoderBlock
+from dalle3_fast.nn.checkpointing import checkpointed
 
 
 class ConvStemLayer(nn.Module):
@@ -69,6 +70,6 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed
         x = self.ln_pre(x)
         for block in self.blocks:
-            x = run_block(block, self.gradient_checkpointing, x)
+            x = checkpointed(block, self.gradient_checkpointing, x)
         pooled = self.ln_post(self.pooler(x))
         return self.proj(pooled[:, 0]), pooled[:, 1:]

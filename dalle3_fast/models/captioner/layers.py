@@ -14,15 +14,6 @@ from torch import nn
 from dalle3_fast import ops
 
 
-def run_block(block: nn.Module, checkpointed: bool, *args):
-    """``block(*args)``, recomputed in the backward instead of stored when ``checkpointed`` (and grads are on)."""
-    if checkpointed and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
-
-
 class MLP(nn.Module):
     def __init__(self, width: int, hidden: int):
         super().__init__()

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from dalle3_fast.models.captioner.config import CoCaConfig
-from dalle3_fast.models.captioner.layers import DecoderBlock, LayerCache, run_block
+from dalle3_fast.models.captioner.layers import DecoderBlock, LayerCache
+from dalle3_fast.nn.checkpointing import checkpointed
 
 
 class UnimodalDecoder(nn.Module):
@@ -29,7 +30,7 @@ class UnimodalDecoder(nn.Module):
             if caches:
                 x = block(x, caches[i])
             else:
-                x = run_block(block, self.gradient_checkpointing, x)
+                x = checkpointed(block, self.gradient_checkpointing, x)
         return self.ln_final(x)
 
 
@@ -55,5 +56,5 @@ class MultimodalDecoder(nn.Module):
             if caches:
                 x = block(x, caches[i], image_kv[i])
             else:
-                x = run_block(block, self.gradient_checkpointing, x, None, image_kv[i])
+                x = checkpointed(block, self.gradient_checkpointing, x, None, image_kv[i])
         return self.lm_head(self.ln_final(x))

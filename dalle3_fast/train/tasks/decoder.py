@@ -1,8 +1,8 @@
 """Tasks ``decoder`` (the latent decoder as a diffusion model) and ``decoder_distill`` (to 2 steps).
 
 ``decoder``: EDM-preconditioned denoising on (image, VAE latent) pairs over the cosine 1024-step
-schedule: the network output F must equal ``(x0 - c_skip x_t) / c_out`` at a uniform timestep
-(the lambda-weighted x0 loss of Karras et al.), exactly the parameterisation ``predict_x0`` samples.
+schedule: the network output F must equal ``(x0 - c_skip x) / c_out`` at a uniform timestep
+(the lambda-weighted x0 loss of Karras et al., ``EDMDenoiser.loss``), the parameterisation the samplers use.
 
 ``decoder_distill``: consistency distillation of a trained decoder (teacher, frozen) into a student
 initialised from it, with an EMA target network, per
@@ -15,24 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dalle3_fast.diffusion import NoiseSchedule, consistency_distillation_loss, update_ema
+from dalle3_fast.diffusion import (consistency_distillation_loss, decode_consistency, decode_ddim, decoder_denoiser,
+                                   update_ema)
 from dalle3_fast.models.latent_decoder import LatentDecoder, latent_decoder_config
 
 from ..task import Task, register_task
 from .frozen import freeze, load_frozen_vae, required_dir
 from .image_data import ImageDataOptions, image_batches, to_unit
-
-
-def consistency_fn(decoder: LatentDecoder, schedule: NoiseSchedule):
-    """``fn(x, sigma, cond=...) -> x0`` in VE coordinates (what the distillation helper takes)."""
-    def fn(x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        t = schedule.sigma_to_t(sigma.double()).round().long()
-        x_vp = x * NoiseSchedule.vp_scale(sigma.double()).view(-1, 1, 1, 1).to(x.dtype)
-        return decoder.predict_x0(x_vp, cond, t)
-    return fn
 
 
 class _DecoderTaskBase(Task):
@@ -86,18 +77,17 @@ class DecoderTask(_DecoderTaskBase):
     def loss(self, net: LatentDecoder, batch):
         x0 = batch["image"]
         cond = self._latents_condition(net, x0)
+        denoiser = decoder_denoiser(net)
         t = torch.randint(0, net.num_train_timesteps, (x0.shape[0],), device=x0.device)
-        x_t = net.add_noise(x0, torch.randn_like(x0), t)
-        target = (x0 - net.c_skip(t, x_t) * x_t) / net.c_out(t, x_t)
-        loss = F.mse_loss(net.denoise(x_t, cond, t).float(), target.float())
-        return loss, {}
+        sigma = denoiser.schedule.sigmas.to(x0.device)[t]
+        return denoiser.loss(x0, torch.randn_like(x0), sigma, cond=cond), {}
 
     def sample(self, net: LatentDecoder, step):
         net.eval()
         x = self._held_out()
         z = self.vae.encode(x).mode() if self.vae is not None else net.encode(x).mode()
         g = torch.Generator(self.ctx.device).manual_seed(0)
-        decoded = net.ddim_decode(z, self.options.sample_steps, generator=g)
+        decoded = decode_ddim(net, z, self.options.sample_steps, generator=g)
         rows = [x, decoded]
         if self.vae is not None:
             rows.insert(1, self.vae.decode(z))
@@ -121,17 +111,16 @@ class DecoderDistillTask(_DecoderTaskBase):
         self.teacher = freeze(LatentDecoder.from_pretrained(path, device=self.ctx.device))
         student = LatentDecoder.from_pretrained(path).train()
         self.target = freeze(copy.deepcopy(student).to(self.ctx.device))
-        self.schedule = NoiseSchedule("cosine", num_train_timesteps=student.num_train_timesteps)
         self._setup_vae(student)
         return student
 
     def loss(self, net: LatentDecoder, batch):
         x0 = batch["image"]
         cond = self._latents_condition(net, x0)
+        student = decoder_denoiser(net)
         loss = consistency_distillation_loss(
-            consistency_fn(net, self.schedule), consistency_fn(self.target, self.schedule),
-            consistency_fn(self.teacher, self.schedule), x0, self.schedule, skip=self.options.skip,
-            huber_c=self.options.huber_c, cond={"cond": cond})
+            student, decoder_denoiser(self.target), decoder_denoiser(self.teacher), x0, student.schedule,
+            skip=self.options.skip, huber_c=self.options.huber_c, cond={"cond": cond})
         return loss, {}
 
     def after_step(self, net, step):
@@ -149,6 +138,7 @@ class DecoderDistillTask(_DecoderTaskBase):
         net.eval()
         x = self._held_out()
         z = self.vae.encode(x).mode() if self.vae is not None else net.encode(x).mode()
-        two_step = net.decode(z, generator=torch.Generator(self.ctx.device).manual_seed(0))
-        teacher = self.teacher.ddim_decode(z, self.options.sample_steps, generator=torch.Generator(self.ctx.device).manual_seed(0))
+        two_step = decode_consistency(net, z, generator=torch.Generator(self.ctx.device).manual_seed(0))
+        teacher = decode_ddim(self.teacher, z, self.options.sample_steps,
+                              generator=torch.Generator(self.ctx.device).manual_seed(0))
         return to_unit(torch.cat([x, teacher, two_step]))

@@ -83,7 +83,7 @@ class UNetTask(Task):
         if self.ctx.activation_checkpointing:
             unet.enable_gradient_checkpointing()
         self.vae = load_frozen_vae(o.vae, self.ctx.device)
-        width = unet._config["text_dim"]
+        width = unet.text_dim
         if o.text_encoder == "tiny":
             self.ctx.out_dir.mkdir(parents=True, exist_ok=True)
             text = build_tiny_text_encoder(self.ctx.out_dir / "text_encoder", width, self.ctx.seed, o.tokenizer_vocab,
@@ -96,7 +96,7 @@ class UNetTask(Task):
                              f"cross-attends to {width}; pick a matching pair")
         self.text_encoder = freeze(text.to(self.ctx.device))
         self.schedule = NoiseSchedule(o.beta_schedule, o.num_train_timesteps, o.beta_start, o.beta_end)
-        self._micro = unet._config["addition_embed_type"] == "text_time"
+        self._micro = unet.size_conditioned
         self._posterior = (None, None)  # (image batch number, its VAE posterior)
         return unet
 
@@ -152,7 +152,7 @@ class UNetTask(Task):
             prompts = [r.get(o.synthetic_key) or r.get(o.original_key) for r in held_out["records"]]
         size = (o.buckets[0] if o.buckets else [o.resolution, o.resolution])
         f = self.vae.config.downsample_factor
-        shape = (len(prompts), unet._config["in_channels"], size[1] // f, size[0] // f)
+        shape = (len(prompts), unet.in_channels, size[1] // f, size[0] // f)
         sigmas = sampling_sigmas(self.schedule, o.sample_steps)
         x = initial_noise(shape, sigmas[0], generator=torch.Generator().manual_seed(0), device=self.ctx.device)
         context, lengths = self._encode_text(prompts)

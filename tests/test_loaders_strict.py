@@ -3,6 +3,7 @@
 Damage: a missing, an unexpected or a mis-shaped tensor; a truncated, corrupt or empty weights file;
 pickled weights only (never unpickled); missing or corrupt tokenizer files.
 """
+import json
 import shutil
 import subprocess
 import sys
@@ -218,3 +219,23 @@ def test_open_clip_scorer_refuses_pickled_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
     with pytest.raises(CheckpointError, match="never loaded"):
         load_scorer(f"open_clip:ViT-B-32:{checkpoint}")
+
+
+def test_sharded_t5_weights_load_through_their_index(tmp_path):
+    d = tmp_path / "te"
+    shutil.copytree(TINY_PIPELINE / "text_encoder", d)
+    state = load_file(str(d / "model.safetensors"))
+    (d / "model.safetensors").unlink()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(d / shard))
+    weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    prompts = ["a red circle above a blue square"]
+    expected = T5TextEncoder.from_pretrained(TINY_PIPELINE / "text_encoder").encode(prompts)
+    torch.testing.assert_close(T5TextEncoder.from_pretrained(d).encode(prompts), expected, rtol=0, atol=0)
+    weight_map[names[0]] = "model-00002-of-00002.safetensors"  # the index and the shards disagree
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="does not place there"):
+        T5TextEncoder.from_pretrained(d)

@@ -324,6 +324,7 @@ def make_unet(b: Bench):
 
 def make_decoder(b: Bench):
     """The decoder, a description, and step(decoder_unet) -> a 2-step decode running that network."""
+    from dalle3_fast.diffusion import decode_consistency
     from dalle3_fast.models.latent_decoder import LatentDecoder
 
     if b.tiny:
@@ -338,7 +339,7 @@ def make_decoder(b: Bench):
     def step(unet):
         decoder.decoder_unet = unet
         try:
-            return decoder.decode(z, num_inference_steps=2)
+            return decode_consistency(decoder, z, num_inference_steps=2)
         finally:
             decoder.decoder_unet = network
 

@@ -136,8 +136,7 @@ class RequestPolicy:
         if size is None:
             size = self.default_size
         if not isinstance(size, str) or size not in self.sizes:
-            raise invalid("size", f"'size' {size!r} is not served by this model, which was made for "
-                                  f"{', '.join(self.sizes)}; use one of those.")
+            raise invalid("size", f"'size' {size!r} is not served here; use one of {', '.join(self.sizes)}.")
         w, h = self._dims[size]
         if self.max_pixels is not None and w * h > self.max_pixels:
             raise invalid("size", f"'size' {size} is larger than this server allows ({self.max_pixels} pixels); "

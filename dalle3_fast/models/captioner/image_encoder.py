@@ -34,12 +34,6 @@ class ConvStem(nn.Module):
         self.layers = nn.Sequential(*(ConvStemLayer(a, b, config.layer_norm_eps) for a, b in zip(widths, widths[1:])))
         self.proj = nn.Conv2d(config.vision_width, config.vision_width, kernel_size=1)
 
-    def reset_parameters(self) -> None:
-        """He init of the 3x3 convolutions. GroupNorm makes each scale-invariant, so its effective learning rate
-        goes as 1 / |w|^2: at the transformer's N(0, 0.02) it is ~30x higher and the stem learns no shapes."""
-        for layer in self.layers:
-            nn.init.kaiming_normal_(layer.conv.weight, mode="fan_out", nonlinearity="relu")
-
     def forward(self, images):
         return self.proj(self.layers(images))
 

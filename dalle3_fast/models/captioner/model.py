@@ -26,7 +26,7 @@ from torch import nn
 from dalle3_fast import io as model_io
 from dalle3_fast.models.captioner import decoding
 from dalle3_fast.models.captioner.config import CoCaConfig
-from dalle3_fast.models.captioner.image_encoder import ConvStem, VisionTransformer
+from dalle3_fast.models.captioner.image_encoder import VisionTransformer
 from dalle3_fast.models.captioner.loss import caption_loss, contrastive_loss
 from dalle3_fast.models.captioner.text_decoder import MultimodalDecoder, UnimodalDecoder
 from dalle3_fast.models.tokenizer import SentencePieceTokenizer, TokenizedBatch, check_truncation, load_model_tokenizer
@@ -77,8 +77,6 @@ class CoCa(nn.Module):
             for block in stack:
                 for proj in (block.attn.proj, block.mlp.fc2):
                     nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * depth))
-        if isinstance(self.visual.patch_embed, ConvStem):
-            self.visual.patch_embed.reset_parameters()
         nn.init.normal_(self.visual.pos_embed, std=0.01)
         nn.init.normal_(self.visual.pooler.query, std=c.vision_width ** -0.5)
         nn.init.normal_(self.text.pos_embed, std=0.01)

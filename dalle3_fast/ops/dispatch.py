@@ -2,14 +2,15 @@
 
 Backends: "reference" (plain PyTorch, always live), "cpu" (C++ kernels in
 ``dalle3_fast._C``), "cuda" (CUDA C++ kernels in ``dalle3_fast._C``) and
-"triton". ``use_backend`` forces one for a block of code; otherwise each call
-takes the fastest live backend for its tensors' device.
+"triton". ``use_backend`` forces one for a block of code in the calling thread;
+otherwise each call takes the fastest live backend for its tensors' device.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import threading
 
 from dalle3_fast import _native
 
@@ -22,7 +23,20 @@ _CUDA_PREFERENCE = {
     "cross_attention": ("cuda", "triton"),
 }
 
-_forced: list[str] = []
+
+class _Forced(threading.local):
+    """The stack of backends forced by ``use_backend``, one per thread.
+
+    Thread-local like torch's own grad mode and autocast state: torch.compile traces and
+    guards a threading.local attribute, whereas it cannot trace ``ContextVar.get``, so a
+    contextvars-based switch would break every compiled graph that calls an op.
+    """
+
+    def __init__(self):
+        self.stack: tuple[str, ...] = ()
+
+
+_forced = _Forced()
 
 
 def _triton_live() -> bool:
@@ -58,7 +72,10 @@ def _live_backends() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force backend ``name`` for every fused op called inside the block."""
+    """Force backend ``name`` for every fused op this thread calls inside the block.
+
+    Other threads keep their own choice: two threads may force different backends at once.
+    """
     if name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     live = _live_backends()
@@ -67,15 +84,18 @@ def use_backend(name: str):
             f"use_backend: backend {name!r} is not live in this process (live: {', '.join(live)}); "
             + _native.why_not(name)
         )
-    _forced.append(name)
+    outer = _forced.stack
+    _forced.stack = outer + (name,)
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.stack = outer
 
 
 def forced_backend() -> str | None:
-    return _forced[-1] if _forced else None
+    """The backend forced in this thread by the innermost ``use_backend`` block, or None."""
+    stack = _forced.stack
+    return stack[-1] if stack else None
 
 
 def resolve(op: str, device) -> str:

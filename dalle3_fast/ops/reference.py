@@ -36,13 +36,18 @@ def cross_attention(q, k, v, key_lengths=None, *, scale=None):
     """softmax(q k^T * scale) v over keys [0, key_lengths[b]); layout (B, N, H, D)."""
     cdt = _compute_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if key_lengths is not None:
+        L = k.shape[1]
+        valid = torch.arange(L, device=q.device) < key_lengths.to(q.device).long()[:, None]  # (B, L)
+        # Padding may hold anything (NaN, inf): replace it before any product reads it, so it
+        # reaches neither the output nor the gradients (which are zero there).
+        k, v = (t.masked_fill(~valid[:, :, None, None], 0) for t in (k, v))
     qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
     s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     if key_lengths is None:
         p = torch.softmax(s, dim=-1)
     else:
-        L = k.shape[1]
-        mask = (torch.arange(L, device=q.device) < key_lengths.to(q.device).long()[:, None]).view(-1, 1, 1, L)
+        mask = valid.view(-1, 1, 1, L)
         s = s.masked_fill(~mask, float("-inf"))
         # A sample with no keys: give its rows finite scores, then zero them with the mask.
         s = s.masked_fill((key_lengths == 0).to(q.device).view(-1, 1, 1, 1), 0.0)

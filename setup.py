@@ -30,7 +30,7 @@ def native_extensions():
 
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     cxx = ["-O3", "-std=c++20", *openmp]
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     want_cuda = os.environ.get("DALLE3_FAST_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("DALLE3_FAST_NO_CUDA") != "1")
     if want_cuda:

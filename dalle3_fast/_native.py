@@ -1,7 +1,7 @@
 """Loads the native extension ``dalle3_fast._C`` if it was built.
 
-Import never fails because the extension is missing: the ops fall back to Triton
-and the PyTorch reference, and the live backends are reported once.
+Import never fails because the extension is missing: the ops fall back to Triton and
+the PyTorch reference, and the live backends are reported once.
 """
 from __future__ import annotations
 
@@ -25,6 +25,18 @@ else:
     except ImportError as exc:  # not built: a pure-Python install
         _C = None
         _load_error = f"the native extension is not built ({exc}); reinstall with `make install`"
+
+# The limits the kernels are compiled for: csrc/op_limits.h, exported by _C. A build without
+# the extension has no header to read, so these literals stand in for it
+# (tests/test_ops_limits.py keeps them equal to the header).
+_LIMITS_WITHOUT_EXTENSION = {"SUPPORTED_HEAD_DIMS": (32, 40, 64, 80, 96, 128, 160), "MAX_KEY_TOKENS": 512}
+
+
+def limit(name: str):
+    """``SUPPORTED_HEAD_DIMS`` (tuple of int) or ``MAX_KEY_TOKENS`` (int), as compiled into the kernels."""
+    if _C is not None:
+        return getattr(_C, name)
+    return _LIMITS_WITHOUT_EXTENSION[name]
 
 
 def has_cpu_kernels() -> bool:

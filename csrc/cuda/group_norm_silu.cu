@@ -3,8 +3,8 @@
 //
 // Channels-first tensors whose group fits in shared memory take the single-pass path: one CTA
 // per (b, g) reads the group once into shared memory, takes exact two-pass statistics there and
-// writes y (backward: dx, and per-channel sums for dweight/dbias) from it. The environment
-// variable DALLE3_FAST_GN_PATH=split|fused|auto (default auto) forces a path, for testing.
+// writes y (backward: dx, and per-channel sums for dweight/dbias) from it. GroupNormParams::path
+// forces one path or the other, for tests.
 //
 // Otherwise every pass walks the tensor with one of two traversals:
 //   channels-first: one warp per (b*C + c, segment of S): per-channel constants are scalars;
@@ -20,8 +20,6 @@
 // The apply passes walk the tensor in the reverse order of the stats passes so the most
 // recently read data is still in L2 when re-read.
 #include <algorithm>
-#include <cstdlib>
-#include <cstring>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -680,24 +678,11 @@ size_t fused_smem_bytes(const GroupNormShape& s, bool backward) {
   return (coef + 15) / 16 * 16 + (backward ? 2 : 1) * static_cast<size_t>(Cg * s.S) * elem;
 }
 
-enum class GnPath { kAuto, kSplit, kFused };
-
-GnPath forced_path() {
-  static const GnPath path = [] {
-    const char* env = std::getenv("DALLE3_FAST_GN_PATH");
-    if (env != nullptr && std::strcmp(env, "split") == 0) return GnPath::kSplit;
-    if (env != nullptr && std::strcmp(env, "fused") == 0) return GnPath::kFused;
-    return GnPath::kAuto;
-  }();
-  return path;
-}
-
-bool use_fused(const GroupNormShape& s, bool backward) {
+bool use_fused(const GroupNormShape& s, GnPath path, bool backward) {
   const size_t bytes = fused_smem_bytes(s, backward);
-  const GnPath forced = forced_path();
-  if (bytes == 0 || forced == GnPath::kSplit || bytes > static_cast<size_t>(device_smem_optin())) return false;
+  if (bytes == 0 || path == GnPath::kMultiPass || bytes > static_cast<size_t>(device_smem_optin())) return false;
   // One CTA per group: past ~200 KB a group takes too long for one SM to stream.
-  return forced == GnPath::kFused || bytes <= 200 * 1024;
+  return path == GnPath::kSinglePass || bytes <= 200 * 1024;
 }
 
 template <class T, int VEC>
@@ -729,7 +714,7 @@ template <class T>
 cudaError_t gn_fwd(const GroupNormShape& s, const GroupNormParams& prm, double eps, const T* x, T* y,
                    acc_t<T>* mean, acc_t<T>* rstd, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
-  if (use_fused(s, false)) {
+  if (use_fused(s, prm.path, false)) {
     return use_vec<T>(s, {x, y}) ? launch_fused_fwd<T, 16 / sizeof(T)>(s, prm, eps, x, y, mean, rstd, stream)
                                  : launch_fused_fwd<T, 1>(s, prm, eps, x, y, mean, rstd, stream);
   }
@@ -769,7 +754,7 @@ cudaError_t gn_bwd(const GroupNormShape& s, const GroupNormParams& prm, const T*
   A* partial = ws + GnWorkspace::kBwdArrays * lay.bc_pad;
 
   const bool vec = use_vec<T>(s, {x, dy, dx});
-  if (use_fused(s, true)) {
+  if (use_fused(s, prm.path, true)) {
     const cudaError_t err =
         vec ? launch_fused_bwd<T, 16 / sizeof(T)>(s, prm, dy, x, mean, rstd, dx, outs, pa, pb, stream)
             : launch_fused_bwd<T, 1>(s, prm, dy, x, mean, rstd, dx, outs, pa, pb, stream);

@@ -350,6 +350,8 @@ def group_norm_silu_fwd(x, weight, bias, add, scale, shift, num_groups, eps, sil
     block_c, block_s = _blocks(CG, S, _TILE_FWD)
     if splits is None:
         splits = _plan_splits(B * G, S, block_s, x.device)
+    elif splits < 1:
+        raise ValueError(f"group_norm_silu (triton): `splits` must be None or >= 1, got {splits}")
     s_chunk = _chunk(S, splits, block_s)
     splits = triton.cdiv(S, s_chunk)
 
@@ -390,6 +392,8 @@ def group_norm_silu_bwd(grad_y, x, weight, bias, add, scale, shift, mean, rstd, 
     block_c, block_s = _blocks(CG, S, _TILE_BWD)
     if splits is None:
         splits = _plan_splits(B * G, S, block_s, x.device)
+    elif splits < 1:
+        raise ValueError(f"group_norm_silu (triton): `splits` must be None or >= 1, got {splits}")
     s_chunk = _chunk(S, splits, block_s)
     splits = triton.cdiv(S, s_chunk)
 

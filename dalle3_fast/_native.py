@@ -1,7 +1,8 @@
 """Loads the native extension ``dalle3_fast._C`` if it was built.
 
 Import never fails because the extension is missing: the ops fall back to Triton and
-the PyTorch reference, and the live backends are reported once.
+the PyTorch reference. ``dalle3_fast.ops.dispatch`` reports the live backends once,
+when it first works them out. This module imports nothing of the package.
 """
 from __future__ import annotations
 
@@ -65,15 +66,13 @@ def why_not(backend: str) -> str:
     return ""
 
 
-def report_once() -> None:
-    """Log, once per process, which backends are live."""
+def report_once(live: list[str]) -> None:
+    """Log, once per process, which backends are live; warn when the extension failed to load."""
     global _reported
     if _reported:
         return
     _reported = True
-    from dalle3_fast.ops.dispatch import available_backends
-
-    msg = "dalle3_fast backends live: " + ", ".join(available_backends())
+    msg = "dalle3_fast backends live: " + ", ".join(live)
     if _C is None and os.environ.get("DALLE3_FAST_NO_NATIVE") != "1":
         warnings.warn(f"{msg}; {_load_error}", RuntimeWarning, stacklevel=3)
     else:

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from dalle3_fast import io, ops
 from dalle3_fast.nn.resnet import ResnetBlock2D
 from dalle3_fast.nn.sampling import Downsample2D, Upsample2D
-from dalle3_fast.ops.checks import SUPPORTED_HEAD_DIMS
+from dalle3_fast.ops import SUPPORTED_HEAD_DIMS
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder hard-code this GroupNorm epsilon
 

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from dalle3_fast import _native
 from dalle3_fast.ops import checks, library, reference
 from dalle3_fast.ops.checks import MAX_KEY_TOKENS, SUPPORTED_HEAD_DIMS
 from dalle3_fast.ops.dispatch import BACKENDS, available_backends, forced_backend, resolve, use_backend
 from dalle3_fast.ops.layout import dense
-
-_native.report_once()
 
 __all__ = [
     "group_norm_silu", "attention", "cross_attention",

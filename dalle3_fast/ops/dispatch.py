@@ -12,6 +12,8 @@ import functools
 import os
 import threading
 
+import torch
+
 from dalle3_fast import _native
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
@@ -46,20 +48,17 @@ def _triton_live() -> bool:
         import triton  # noqa: F401
     except Exception:
         return False
-    import torch
-
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available_backends() -> list[str]:
     """The backends that can run in this process, in the order of ``BACKENDS``."""
+    _report()
     return list(_live_backends())
 
 
 @functools.cache
 def _live_backends() -> tuple[str, ...]:
-    import torch
-
     live = ["reference"]
     if _native.has_cpu_kernels():
         live.append("cpu")
@@ -68,6 +67,11 @@ def _live_backends() -> tuple[str, ...]:
     if _native.has_cuda_kernels() and torch.cuda.is_available():
         live.append("cuda")
     return tuple(live)
+
+
+def _report() -> None:
+    """Log the live backends once per process (a warning if the extension failed to load)."""
+    _native.report_once(list(_live_backends()))
 
 
 @contextlib.contextmanager
@@ -114,7 +118,8 @@ def resolve(op: str, device) -> str:
         for candidate in _CUDA_PREFERENCE[op]:
             if candidate in live:
                 return candidate
-        return "reference"
-    if device.type == "cpu" and _native.has_cpu_kernels():
+    elif device.type == "cpu" and _native.has_cpu_kernels():
         return "cpu"
+    if not torch.compiler.is_compiling():
+        _report()  # the first fallback to the reference says why no kernel runs
     return "reference"

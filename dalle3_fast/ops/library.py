@@ -45,7 +45,7 @@ SCHEMAS = {
 FAMILIES = {"native": "", "triton": "_triton"}
 _FAMILY_OF_BACKEND = {"cpu": "native", "cuda": "native", "triton": "triton"}
 
-_lib = torch.library.Library(NAMESPACE, "DEF")  # noqa: TOR901 - the schemas are strings, defined once here
+_lib = torch.library.Library(NAMESPACE, "DEF")
 for _suffix in FAMILIES.values():
     for _name, _schema in SCHEMAS.items():
         _lib.define(_name + _suffix + _schema)

@@ -35,7 +35,8 @@ def native_extensions():
         torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("DALLE3_FAST_NO_CUDA") != "1")
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/instantiations/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cpp"))
         ext = CUDAExtension(
             "dalle3_fast._C", sources,
             define_macros=[("WITH_CUDA", None)],

@@ -5,7 +5,8 @@
 
 #include <cstdint>
 
-// The head dims the attention kernels are compiled for. X(D) is applied to each.
+// The head dims the attention kernels are compiled for. X(D) is applied to each; adding one
+// needs its CUDA instantiations (csrc/cuda/instantiations/generate.py writes them).
 #define D3F_FOR_EACH_HEAD_DIM(X) X(32) X(40) X(64) X(80) X(96) X(128) X(160)
 
 namespace dalle3_fast {

@@ -67,8 +67,6 @@ struct AttentionShape {
   DType dtype = DType::kFloat16;
 };
 
-bool attention_head_dim_supported(int64_t D);
-
 cudaError_t attention_fwd(const AttentionShape& shape, const void* q, const void* k, const void* v,
                           const int32_t* key_lengths, double scale, void* out, void* lse, cudaStream_t stream);
 

@@ -30,12 +30,13 @@ def native_extensions():
 
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     cxx = ["-O3", "-std=c++20", *openmp]
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     want_cuda = os.environ.get("DALLE3_FAST_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("DALLE3_FAST_NO_CUDA") != "1")
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/instantiations/*.cu"))
+        sources += sorted(glob.glob("csrc/cuda/*.cpp"))
         ext = CUDAExtension(
             "dalle3_fast._C", sources,
             define_macros=[("WITH_CUDA", None)],

@@ -1,21 +1,10 @@
-// The native library dalle3_fast._C: operator schemas in one place.
-// CPU kernels register in csrc/cpu/*.cpp, CUDA kernels in csrc/cuda/binding.cpp.
+// The native library dalle3_fast._C. Loading it registers the C++ implementations of the
+// dalle3_fast operators, whose schemas live in dalle3_fast/ops/library.py: CPU kernels in
+// csrc/cpu/*.cpp, CUDA kernels in csrc/cuda/binding.cpp, all validated by csrc/op_checks.cpp.
+// The module itself exports the op limits of op_limits.h and whether CUDA was compiled in.
 #include <Python.h>
-#include <torch/library.h>
 
-TORCH_LIBRARY(dalle3_fast_C, m) {
-  m.def(
-      "group_norm_silu_fwd(Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor? scale, Tensor? shift, "
-      "int num_groups, float eps, bool silu) -> (Tensor y, Tensor mean, Tensor rstd)");
-  m.def(
-      "group_norm_silu_bwd(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor? add, Tensor? scale, "
-      "Tensor? shift, Tensor mean, Tensor rstd, int num_groups, bool silu) "
-      "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dadd, Tensor dscale, Tensor dshift)");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_lengths, float scale) -> (Tensor out, Tensor lse)");
-  m.def(
-      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? key_lengths, "
-      "float scale) -> (Tensor dq, Tensor dk, Tensor dv)");
-}
+#include "op_limits.h"
 
 static PyObject* has_cuda(PyObject*, PyObject*) {
 #ifdef WITH_CUDA
@@ -31,4 +20,33 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+static PyObject* head_dims() {
+  constexpr Py_ssize_t n = sizeof(dalle3_fast::kHeadDims) / sizeof(dalle3_fast::kHeadDims[0]);
+  PyObject* dims = PyTuple_New(n);
+  if (dims == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* d = PyLong_FromLong(dalle3_fast::kHeadDims[i]);
+    if (d == nullptr) {
+      Py_DECREF(dims);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(dims, i, d);
+  }
+  return dims;
+}
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module);
+  if (m == nullptr) return nullptr;
+  PyObject* dims = head_dims();
+  if (dims == nullptr || PyModule_AddObject(m, "SUPPORTED_HEAD_DIMS", dims) < 0) {  // steals dims on success
+    Py_XDECREF(dims);
+    Py_DECREF(m);
+    return nullptr;
+  }
+  if (PyModule_AddIntConstant(m, "MAX_KEY_TOKENS", static_cast<long>(dalle3_fast::kMaxKeyTokens)) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}

@@ -1,7 +1,8 @@
 """Loads the native extension ``dalle3_fast._C`` if it was built.
 
-Import never fails because the extension is missing: the ops fall back to Triton
-and the PyTorch reference, and the live backends are reported once.
+Import never fails because the extension is missing: the ops fall back to Triton and
+the PyTorch reference. ``dalle3_fast.ops.dispatch`` reports the live backends once,
+when it first works them out. This module imports nothing of the package.
 """
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ else:
     except ImportError as exc:  # not built: a pure-Python install
         _C = None
         _load_error = f"the native extension is not built ({exc}); reinstall with `make install`"
+
+# The limits the kernels are compiled for: csrc/op_limits.h, exported by _C. A build without
+# the extension has no header to read, so these literals stand in for it
+# (tests/test_ops_limits.py keeps them equal to the header).
+_LIMITS_WITHOUT_EXTENSION = {"SUPPORTED_HEAD_DIMS": (32, 40, 64, 80, 96, 128, 160), "MAX_KEY_TOKENS": 512}
+
+
+def limit(name: str):
+    """``SUPPORTED_HEAD_DIMS`` (tuple of int) or ``MAX_KEY_TOKENS`` (int), as compiled into the kernels."""
+    if _C is not None:
+        return getattr(_C, name)
+    return _LIMITS_WITHOUT_EXTENSION[name]
 
 
 def has_cpu_kernels() -> bool:
@@ -53,15 +66,13 @@ def why_not(backend: str) -> str:
     return ""
 
 
-def report_once() -> None:
-    """Log, once per process, which backends are live."""
+def report_once(live: list[str]) -> None:
+    """Log, once per process, which backends are live; warn when the extension failed to load."""
     global _reported
     if _reported:
         return
     _reported = True
-    from dalle3_fast.ops.dispatch import available_backends
-
-    msg = "dalle3_fast backends live: " + ", ".join(available_backends())
+    msg = "dalle3_fast backends live: " + ", ".join(live)
     if _C is None and os.environ.get("DALLE3_FAST_NO_NATIVE") != "1":
         warnings.warn(f"{msg}; {_load_error}", RuntimeWarning, stacklevel=3)
     else:

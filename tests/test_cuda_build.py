@@ -1,11 +1,13 @@
 """The CUDA sources compile for sm_80 and sm_90a, and ptxas reports no spills and no stack.
 
-Needs only nvcc (no GPU): every csrc/cuda/*.cu is compiled with -Xptxas -v, the report is
-parsed per kernel and architecture. binding.cpp is syntax-checked against torch's headers.
-The compiles run two at a time, longest first.
+Needs only nvcc (no GPU): every .cu under csrc/cuda (instantiations/ included) is compiled with
+-Xptxas -v, the report is parsed per kernel and architecture, and the objects must link with no
+undefined symbol. binding.cpp is syntax-checked against torch's headers. The compiles run two at
+a time, longest first.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -24,13 +26,34 @@ NVCC_FLAGS = [
     "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
     "-Xptxas", "-v",
 ]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("generate", CUDA_DIR / "instantiations" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATOR = _generator()
 # Kernel templates each file must define (every instantiation is checked, these must exist).
 EXPECTED = {
-    "group_norm_silu.cu": ("gn_cf_kernel", "gn_cl_kernel", "gn_fwd_finalize_kernel", "gn_bwd_finalize_kernel"),
-    "attention_fwd.cu": ("attn_fwd_kernel",),
-    "attention_bwd.cu": ("attn_dq_kernel", "attn_dkdv_kernel", "attn_delta_kernel"),
+    "group_norm_silu_multipass.cu": ("gn_cf_kernel", "gn_cl_kernel", "gn_fwd_finalize_kernel",
+                                     "gn_bwd_finalize_kernel", "gn_dweight_dbias_kernel"),
+    "group_norm_silu_single_pass.cu": ("gn_fused_fwd_kernel", "gn_fused_bwd_kernel"),
+    "attention_bwd.cu": ("attn_delta_kernel",),
     "attention_simple.cu": ("attn_simple_fwd_kernel", "attn_simple_dq_kernel", "attn_simple_dkdv_kernel"),
+    **{f"instantiations/{name}": ("attn_fwd_kernel",) if "_fwd_" in name else ("attn_dq_kernel", "attn_dkdv_kernel")
+       for name in GENERATOR.expected_files()},
 }
+
+
+def cuda_sources() -> list[Path]:
+    return sorted(CUDA_DIR.rglob("*.cu"))
+
+
+def source_name(path: Path) -> str:
+    return path.relative_to(CUDA_DIR).as_posix()
 
 
 def _nvcc() -> str | None:
@@ -66,7 +89,7 @@ def parse_ptxas(report: str) -> list[dict]:
 
 
 def _compile(source: Path, out_dir: Path) -> tuple[int, str]:
-    cmd = [NVCC, *NVCC_FLAGS, str(source), "-o", str(out_dir / (source.stem + ".o"))]
+    cmd = [NVCC, *NVCC_FLAGS, str(source), "-o", str(out_dir / (source.stem + ".o"))]  # stems are unique
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=CUDA_DIR)
     return proc.returncode, proc.stdout + proc.stderr
 
@@ -92,14 +115,16 @@ def _binding_check() -> tuple[int, str]:
 def builds(tmp_path_factory):
     """Compiles every .cu and syntax-checks binding.cpp, two jobs at a time."""
     out_dir = tmp_path_factory.mktemp("cuda_build")
-    sources = sorted(CUDA_DIR.glob("*.cu"), key=lambda p: -p.stat().st_size)  # longest first
+    sources = sorted(cuda_sources(), key=lambda p: -p.stat().st_size)  # longest first
     jobs = {}
     with ThreadPoolExecutor(max_workers=2) as pool:
         if shutil.which("g++") and (Path(NVCC).parents[1] / "include" / "cuda_runtime.h").exists():
             jobs["binding.cpp"] = pool.submit(_binding_check)
         for src in sources:
-            jobs[src.name] = pool.submit(_compile, src, out_dir)
-        return {name: fut.result() for name, fut in jobs.items()}
+            jobs[source_name(src)] = pool.submit(_compile, src, out_dir)
+        results = {name: fut.result() for name, fut in jobs.items()}
+    results["objects"] = out_dir
+    return results
 
 
 def test_parse_ptxas_reads_every_field():
@@ -115,7 +140,7 @@ def test_parse_ptxas_reads_every_field():
 
 @needs_nvcc
 def test_every_cuda_source_compiles_without_spills_or_stack(builds):
-    sources = sorted(p.name for p in CUDA_DIR.glob("*.cu"))
+    sources = [source_name(p) for p in cuda_sources()]
     assert set(EXPECTED) <= set(sources), f"missing CUDA sources: {set(EXPECTED) - set(sources)}"
     problems = []
     for name in sources:
@@ -142,3 +167,23 @@ def test_binding_passes_syntax_check(builds):
     rc, report = builds["binding.cpp"]
     errors = [line for line in report.splitlines() if "error" in line]
     assert rc == 0, "binding.cpp does not compile:\n" + "\n".join(errors[:40])
+
+
+def test_instantiation_files_match_the_generator():
+    """One file per (pass, head dim of csrc/op_limits.h, dtype), as generate.py writes them."""
+    folder = CUDA_DIR / "instantiations"
+    want = GENERATOR.expected_files()
+    have = {p.name: p.read_text() for p in folder.glob("*.cu")}
+    assert sorted(have) == sorted(want), "run python csrc/cuda/instantiations/generate.py"
+    assert all(have[name] == text for name, text in want.items()), "run python csrc/cuda/instantiations/generate.py"
+
+
+@needs_nvcc
+def test_cuda_objects_link_without_undefined_symbols(builds):
+    """Every dispatch target (e.g. attention_fwd_tc<__half, 40>) is instantiated somewhere."""
+    objects = sorted(str(p) for p in builds["objects"].glob("*.o"))
+    assert len(objects) == len(cuda_sources())
+    out = builds["objects"] / "all.so"
+    proc = subprocess.run([NVCC, "-shared", "-Xlinker", "--no-undefined", *objects, "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, "the CUDA objects do not link:\n" + (proc.stdout + proc.stderr)[-4000:]

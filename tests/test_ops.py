@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dalle3_fast.ops as ops
-from dalle3_fast.ops import reference
+from dalle3_fast.ops import library, reference
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 INTERPRETED = not torch.cuda.is_available()
@@ -125,7 +125,7 @@ def test_group_norm_silu_stats_outputs(backend, device):
     x = torch.randn(2, 64, 5, 3, device=device)
     add = torch.randn(2, 64, device=device)
     w, b = torch.randn(64, device=device), torch.randn(64, device=device)
-    y, mean, rstd = torch.ops.dalle3_fast.group_norm_silu_fwd(x, w, b, add, None, None, 8, 1e-5, True, backend)
+    y, mean, rstd = library.kernels(backend).group_norm_silu_fwd(x, w, b, add, None, None, 8, 1e-5, True)
     v = (x.double() + add.double()[:, :, None, None]).view(2, 8, -1)
     assert mean.shape == (2, 8) and mean.dtype == torch.float32 and rstd.dtype == torch.float32
     assert_close("mean", mean, v.mean(-1), torch.float32)
@@ -199,7 +199,7 @@ def test_attention_lse_output(backend, device):
     B, N, L, H, D = 2, 19, 33, 2, 32
     q, k, v = (torch.randn(B, n, H, D, device=device) for n in (N, L, L))
     lengths = torch.tensor([L - 4, 0], dtype=torch.int32, device=device)
-    out, lse = torch.ops.dalle3_fast.attention_fwd(q, k, v, lengths, 0.3, backend)
+    out, lse = library.kernels(backend).attention_fwd(q, k, v, lengths, 0.3)
     assert lse.shape == (B, H, N) and lse.dtype == torch.float32
     scores = torch.einsum("bnhd,blhd->bhnl", q.double(), k.double())[0, :, :, : L - 4] * 0.3
     assert_close("lse", lse[0], torch.logsumexp(scores, -1), torch.float32)
@@ -263,31 +263,67 @@ def test_attention_gradcheck(cpu_backend, lengths):
 
 
 def test_opcheck_group_norm_silu(backend, device):
+    kernels = library.kernels(backend)
     B, C, G = 2, 16, 4
     x = torch.randn(B, C, 3, 5, device=device, requires_grad=True)
     w, b = (torch.randn(C, device=device, requires_grad=True) for _ in range(2))
     add, scale, shift = (torch.randn(B, C, device=device, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(torch.ops.dalle3_fast.group_norm_silu_fwd.default,
-                          (x, w, b, add, scale, shift, G, 1e-5, True, backend))
-    torch.library.opcheck(torch.ops.dalle3_fast.group_norm_silu_fwd.default,
-                          (x.contiguous(memory_format=torch.channels_last), w, b, None, None, None, G, 1e-5, False,
-                           backend))
+    torch.library.opcheck(kernels.group_norm_silu_fwd, (x, w, b, add, scale, shift, G, 1e-5, True))
+    torch.library.opcheck(kernels.group_norm_silu_fwd,
+                          (x.contiguous(memory_format=torch.channels_last), w, b, None, None, None, G, 1e-5, False))
     with torch.no_grad():
-        _, mean, rstd = torch.ops.dalle3_fast.group_norm_silu_fwd(x, w, b, add, scale, shift, G, 1e-5, True, backend)
+        _, mean, rstd = kernels.group_norm_silu_fwd(x, w, b, add, scale, shift, G, 1e-5, True)
     grad_y = torch.randn_like(x)
-    torch.library.opcheck(torch.ops.dalle3_fast.group_norm_silu_bwd.default,
+    torch.library.opcheck(kernels.group_norm_silu_bwd,
                           (grad_y, x.detach(), w.detach(), b.detach(), add.detach(), None, shift.detach(), mean, rstd,
-                           G, True, backend))
+                           G, True))
 
 
 @pytest.mark.parametrize("cross", [False, True])
 def test_opcheck_attention(backend, device, cross):
+    kernels = library.kernels(backend)
     B, N, L, H, D = 2, 17, (9 if cross else 17), 2, 32
     q = torch.randn(B, N, H, D, device=device, requires_grad=True)
     k, v = (torch.randn(B, L, H, D, device=device, requires_grad=True) for _ in range(2))
     lengths = torch.tensor([L, 3], dtype=torch.int32, device=device) if cross else None
-    torch.library.opcheck(torch.ops.dalle3_fast.attention_fwd.default, (q, k, v, lengths, D**-0.5, backend))
-    out, lse = torch.ops.dalle3_fast.attention_fwd(q, k, v, lengths, D**-0.5, backend)
-    torch.library.opcheck(torch.ops.dalle3_fast.attention_bwd.default,
+    torch.library.opcheck(kernels.attention_fwd, (q, k, v, lengths, D**-0.5))
+    out, lse = kernels.attention_fwd(q, k, v, lengths, D**-0.5)
+    torch.library.opcheck(kernels.attention_bwd,
                           (torch.randn_like(q), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-                           lengths, D**-0.5, backend))
+                           lengths, D**-0.5))
+
+
+# ------------------------------------------------------------------ GroupNorm reduction paths
+# ``splits`` reaches every kernel: Triton splits each group over that many programs; CUDA takes
+# its single-pass path for 1 (where the group fits in shared memory) and its multi-pass path for
+# more; the CPU kernels have one path and accept it.
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_group_norm_silu_every_reduction_path(backend, device, layout, splits):
+    kernels = library.kernels(backend)
+    shape, groups = ((2, 32, 9, 13), 4) if small(backend) else ((2, 64, 33, 17), 8)
+    x, weight, bias, mods = make_gn_inputs(shape, layout, ("add", "scale", "shift"), 3.0, torch.float32, device)
+    leaves = {"x": x, "weight": weight, "bias": bias, **mods}
+    grad_y = torch.randn(shape, device=device)
+    poison_allocator(x)
+    y, mean, rstd = kernels.group_norm_silu_fwd(x, weight, bias, mods["add"], mods["scale"], mods["shift"], groups,
+                                                1e-5, True, splits=splits)
+    poison_allocator(x)
+    grads = kernels.group_norm_silu_bwd(grad_y, x, weight, bias, mods["add"], mods["scale"], mods["shift"], mean, rstd,
+                                        groups, True, splits=splits)
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    y_ref = reference.group_norm_silu(ref_leaves["x"], ref_leaves["weight"], ref_leaves["bias"], groups, 1e-5,
+                                      add=ref_leaves["add"], scale=ref_leaves["scale"], shift=ref_leaves["shift"])
+    y_ref.backward(grad_y.double())
+    assert_close(f"{backend} y splits={splits}", y, y_ref, torch.float32)
+    for name, g in zip(("x", "weight", "bias", "add", "scale", "shift"), grads):
+        assert_close(f"{backend} d{name} splits={splits}", g, ref_leaves[name].grad, torch.float32)
+
+
+def test_group_norm_silu_rejects_zero_splits(backend, device):
+    x = torch.randn(2, 8, 3, 3, device=device)
+    w, b = torch.randn(8, device=device), torch.randn(8, device=device)
+    with pytest.raises((RuntimeError, ValueError), match="splits"):
+        library.kernels(backend).group_norm_silu_fwd(x, w, b, None, None, None, 2, 1e-5, True, splits=0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dalle3_fast.ops as ops
+from dalle3_fast.ops import library
 
 
 @pytest.fixture(params=ops.BACKENDS)
@@ -93,7 +94,7 @@ def test_attention_rejects(any_backend, what, call, message):
 def native_ops():
     if "cpu" not in ops.available_backends():
         pytest.skip("the CPU kernels are not built")
-    return torch.ops.dalle3_fast_C
+    return library.kernels("cpu")
 
 
 def test_native_group_norm_rejects_bad_input(native_ops):
@@ -105,6 +106,8 @@ def test_native_group_norm_rejects_bad_input(native_ops):
         lambda: native_ops.group_norm_silu_fwd(torch.randn(2, 64), w, b, None, None, None, 8, 1e-5, True),
         lambda: native_ops.group_norm_silu_fwd(torch.randn(0, 64, 4, 4), w, b, None, None, None, 8, 1e-5, True),
         lambda: native_ops.group_norm_silu_fwd(x, w, b, None, None, None, 8, -1.0, True),
+        lambda: native_ops.group_norm_silu_fwd(x, w, b, None, None, None, 8, 1e-5, True, splits=0),
+        lambda: native_ops.group_norm_silu_fwd(x.to(torch.int32), w, b, None, None, None, 8, 1e-5, True),
         lambda: native_ops.group_norm_silu_bwd(torch.randn(2, 64, 4, 3), x, w, b, None, None, None,
                                                torch.zeros(2, 8), torch.ones(2, 8), 8, True),
         lambda: native_ops.group_norm_silu_bwd(x, x, w, b, None, None, None, torch.zeros(2, 4), torch.ones(2, 4), 8,
@@ -128,6 +131,8 @@ def test_native_attention_rejects_bad_input(native_ops):
         lambda: native_ops.attention_fwd(q, k, v, lengths(-2, 3), 0.1),
         lambda: native_ops.attention_fwd(q, k, v, lengths(5), 0.1),
         lambda: native_ops.attention_fwd(q[:, :0], k, v, None, 0.1),
+        lambda: native_ops.attention_fwd(*qkv(D=48), None, 0.1),
+        lambda: native_ops.attention_fwd(q, *qkv(L=513)[1:], lengths(5, 3), 0.1),
         lambda: native_ops.attention_bwd(q, q, k, v, q, torch.zeros(2, 2, 7), good_lengths, 0.1),
         lambda: native_ops.attention_bwd(q[:, :4], q, k, v, q, torch.zeros(2, 2, 8), good_lengths, 0.1),
     ]

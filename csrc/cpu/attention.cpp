@@ -1,4 +1,4 @@
-// CPU kernels of dalle3_fast_C::attention_fwd / _bwd (flash-attention style).
+// CPU kernels of dalle3_fast::attention_fwd / _bwd (flash-attention style).
 //
 // Layout (B, N, H, D) like flash-attn; keys and values (B, L, H, D). With key_lengths,
 // keys at or past key_lengths[b] are skipped (never computed); a sample with no keys
@@ -18,6 +18,7 @@
 #include <optional>
 #include <vector>
 
+#include "../op_checks.h"
 #include "attention_loops.h"
 #include "parallel.h"
 
@@ -195,25 +196,13 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 
 // ------------------------------------------------------------- validation and entry points
 
+// The shared checks (op_checks.h), then the key lengths' values, which only the CPU can read cheaply.
 Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const std::optional<at::Tensor>& key_lengths) {
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->dim() == 4, op, ": q, k, v must be (B, N, H, D), got ", t->sizes());
-    TORCH_CHECK(t->device() == q.device(), op, ": q, k, v must be on one device");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": q, k, v must share a dtype");
-  }
-  TORCH_CHECK(at::isFloatingType(q.scalar_type()), op, ": q must be floating point, got ", q.scalar_type());
-  const Dims d{q.size(0), q.size(1), k.size(1), q.size(2), q.size(3)};
-  TORCH_CHECK(k.size(0) == d.B && k.size(2) == d.H && k.size(3) == d.D, op, ": k has shape ", k.sizes(),
-              ", expected (", d.B, ", L, ", d.H, ", ", d.D, ")");
-  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v has shape ", v.sizes(), ", expected ", k.sizes());
-  TORCH_CHECK(d.B > 0 && d.N > 0 && d.L > 0 && d.H > 0 && d.D > 0, op, ": empty input, q ", q.sizes(), ", k ",
-              k.sizes());
+  const dalle3_fast::AttentionDims a = dalle3_fast::check_attention(op, q, k, v, key_lengths);
+  const Dims d{a.B, a.N, a.L, a.H, a.D};
   if (key_lengths) {
-    const at::Tensor& kl = *key_lengths;
-    TORCH_CHECK(kl.scalar_type() == at::kInt && kl.dim() == 1 && kl.size(0) == d.B && kl.device() == q.device(),
-                op, ": key_lengths must be int32 of shape (", d.B, ",) on ", q.device());
-    const at::Tensor klc = kl.contiguous();
+    const at::Tensor klc = key_lengths->contiguous();
     const int32_t* p = klc.data_ptr<int32_t>();
     for (int64_t b = 0; b < d.B; ++b)
       TORCH_CHECK(p[b] >= 0 && p[b] <= d.L, op, ": key_lengths[", b, "] = ", p[b], " is outside [0, ", d.L, "]");
@@ -221,7 +210,7 @@ Dims check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
   return d;
 }
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType compute_type(at::ScalarType t) { return dalle3_fast::acc_type(t); }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in,
@@ -244,13 +233,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& key_lengths,
     double scale) {
   const Dims d = check_inputs("attention_bwd", q_in, k_in, v_in, key_lengths);
+  dalle3_fast::check_attention_bwd("attention_bwd", {d.B, d.N, d.L, d.H, d.D}, q_in, grad_out, out_in, lse_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(grad_out.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "attention_bwd: grad_out and out must have the shape of q ", q_in.sizes());
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({d.B, d.H, d.N}), "attention_bwd: lse has shape ", lse_in.sizes(),
-              ", expected (", d.B, ", ", d.H, ", ", d.N, ")");
-  for (const auto* t : {&grad_out, &out_in, &lse_in})
-    TORCH_CHECK(t->device() == q_in.device(), "attention_bwd: all inputs must be on ", q_in.device());
   const at::ScalarType ct = compute_type(q_in.scalar_type());
   auto dense = [&](const at::Tensor& t) { return t.detach().to(ct).contiguous(); };
   const at::Tensor q = dense(q_in), k = dense(k_in), v = dense(v_in), dout = dense(grad_out), out = dense(out_in),
@@ -266,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 }  // namespace
 }  // namespace d3f::attn
 
-TORCH_LIBRARY_IMPL(dalle3_fast_C, CPU, m) {
+TORCH_LIBRARY_IMPL(dalle3_fast, CPU, m) {
   m.impl("attention_fwd", &d3f::attn::attention_fwd_cpu);
   m.impl("attention_bwd", &d3f::attn::attention_bwd_cpu);
 }

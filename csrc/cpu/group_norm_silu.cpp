@@ -1,4 +1,4 @@
-// CPU kernels of dalle3_fast_C::group_norm_silu_fwd / _bwd.
+// CPU kernels of dalle3_fast::group_norm_silu_fwd / _bwd.
 //
 //   v = x + add[b, c];  xhat = (v - mean[b, g]) * rstd[b, g]
 //   z = (xhat * weight[c] + bias[c]) * (1 + scale[b, c]) + shift[b, c];  y = silu(z)
@@ -16,6 +16,7 @@
 #include <optional>
 #include <vector>
 
+#include "../op_checks.h"
 #include "group_norm_silu_loops.h"
 #include "memory.h"
 #include "parallel.h"
@@ -343,28 +344,14 @@ void backward_channels_last(const T* dy, const T* x, T* dx, const Params& prm, c
 
 Shape check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& scale,
-                   const std::optional<at::Tensor>& shift, int64_t num_groups) {
-  TORCH_CHECK(x.dim() == 3 || x.dim() == 4, op, ": x must be (B, C, H, W) or (B, C, L), got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(x.numel() > 0, op, ": x is empty");
-  const int64_t B = x.size(0), C = x.size(1);
-  TORCH_CHECK(num_groups > 0 && C % num_groups == 0, op, ": channels (", C, ") must be divisible by num_groups (",
-              num_groups, ")");
-  auto check_param = [&](const at::Tensor& t, const char* name, at::IntArrayRef shape) {
-    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", x on ", x.device());
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point");
-    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " has shape ", t.sizes(), ", expected ", shape);
-  };
-  check_param(weight, "weight", {C});
-  check_param(bias, "bias", {C});
-  if (add) check_param(*add, "add", {B, C});
-  if (scale) check_param(*scale, "scale", {B, C});
-  if (shift) check_param(*shift, "shift", {B, C});
-  return Shape{B, C, x.numel() / (B * C), num_groups, C / num_groups, is_channels_last(x)};
+                   const std::optional<at::Tensor>& shift, int64_t num_groups, std::optional<int64_t> splits) {
+  const auto d = dalle3_fast::check_group_norm_silu(op, x, weight, bias, add, scale, shift, num_groups);
+  dalle3_fast::check_splits(op, splits);  // one path on the CPU: accepted, not used
+  return Shape{d.B, d.C, d.S, d.G, d.C / d.G, is_channels_last(x)};
 }
 
 // float16/bfloat16 compute in float32; float32/float64 natively.
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType compute_type(at::ScalarType t) { return dalle3_fast::acc_type(t); }
 
 at::Tensor dense(const at::Tensor& t) {
   return is_channels_last(t) ? t : t.contiguous();
@@ -373,10 +360,10 @@ at::Tensor dense(const at::Tensor& t) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_fwd_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t num_groups, double eps,
-    bool silu) {
-  const Shape sh = check_inputs("group_norm_silu_fwd", x_in, weight, bias, add, scale, shift, num_groups);
+    bool silu, std::optional<int64_t> splits) {
+  const Shape sh = check_inputs("group_norm_silu_fwd", x_in, weight, bias, add, scale, shift, num_groups, splits);
+  dalle3_fast::check_eps("group_norm_silu_fwd", eps);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(eps > 0, "group_norm_silu_fwd: eps must be > 0, got ", eps);
   const at::ScalarType ct = compute_type(x_in.scalar_type());
   const at::Tensor x = dense(x_in.detach()).to(ct);
   at::Tensor y = at::empty_like(x);
@@ -396,16 +383,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& add, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, const at::Tensor& mean_in, const at::Tensor& rstd_in,
-    int64_t num_groups, bool silu) {
-  const Shape sh = check_inputs("group_norm_silu_bwd", x_in, weight, bias, add, scale, shift, num_groups);
+    int64_t num_groups, bool silu, std::optional<int64_t> splits) {
+  const Shape sh = check_inputs("group_norm_silu_bwd", x_in, weight, bias, add, scale, shift, num_groups, splits);
+  dalle3_fast::check_group_norm_silu_bwd("group_norm_silu_bwd", {sh.B, sh.C, sh.S, sh.G}, x_in, grad_y, mean_in,
+                                         rstd_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), "group_norm_silu_bwd: grad_y has shape ", grad_y.sizes(),
-              ", expected ", x_in.sizes());
-  TORCH_CHECK(grad_y.device() == x_in.device(), "group_norm_silu_bwd: grad_y and x are on different devices");
-  for (const auto* t : {&mean_in, &rstd_in})
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({sh.B, sh.G}) && t->device() == x_in.device(),
-                "group_norm_silu_bwd: mean and rstd must be (B, num_groups) = (", sh.B, ", ", sh.G, ") on ",
-                x_in.device(), ", got ", t->sizes());
   const at::ScalarType ct = compute_type(x_in.scalar_type());
   const at::Tensor x = dense(x_in.detach()).to(ct);
   const at::Tensor dy = (sh.channels_last ? grad_y.contiguous(at::MemoryFormat::ChannelsLast) : grad_y.contiguous())
@@ -441,7 +423,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 }  // namespace d3f::gn
 
-TORCH_LIBRARY_IMPL(dalle3_fast_C, CPU, m) {
+TORCH_LIBRARY_IMPL(dalle3_fast, CPU, m) {
   m.impl("group_norm_silu_fwd", &d3f::gn::group_norm_silu_fwd_cpu);
   m.impl("group_norm_silu_bwd", &d3f::gn::group_norm_silu_bwd_cpu);
 }

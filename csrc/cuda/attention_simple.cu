@@ -3,6 +3,7 @@
 // memory tile for dot products and the head dim (up to 5 x 32) for accumulation.
 #include <cmath>
 
+#include "attention.h"
 #include "attention_tc.cuh"
 #include "common.cuh"
 #include "launchers.h"

@@ -1,4 +1,4 @@
-// Tile configuration and dispatch of the tensor-core (fp16/bf16) attention kernels.
+// Tile configuration of the tensor-core (fp16/bf16) attention kernels.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,28 +23,6 @@ struct AttnCfg {
   static constexpr int kBN = 64;               // keys per step of the forward / dq kernels
   static constexpr int kBQ = kDP <= 64 ? 64 : 32;  // queries per step of the dk/dv kernel
 };
-
-// Calls f.template operator()<D>() for the runtime head dim; false if D is unsupported.
-template <class F>
-bool dispatch_head_dim(int64_t D, F&& f) {
-  switch (D) {
-    case 32: f.template operator()<32>(); return true;
-    case 40: f.template operator()<40>(); return true;
-    case 64: f.template operator()<64>(); return true;
-    case 80: f.template operator()<80>(); return true;
-    case 96: f.template operator()<96>(); return true;
-    case 128: f.template operator()<128>(); return true;
-    case 160: f.template operator()<160>(); return true;
-    default: return false;
-  }
-}
-
-// Launchers of the fp32/fp64 path (attention_simple.cu).
-cudaError_t attention_simple_fwd(const AttentionShape& s, const void* q, const void* k, const void* v,
-                                 const int32_t* key_lengths, double scale, void* out, void* lse, cudaStream_t stream);
-cudaError_t attention_simple_bwd(const AttentionShape& s, const void* dout, const void* q, const void* k,
-                                 const void* v, const void* lse, const void* delta, const int32_t* key_lengths,
-                                 double scale, void* dq, void* dk, void* dv, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dalle3_fast

@@ -1,5 +1,5 @@
 // Pure CUDA launchers of the fused ops: raw pointers, sizes and a stream; no torch.
-// csrc/cuda/binding.cpp binds them to the dalle3_fast_C operator schemas.
+// csrc/cuda/binding.cpp binds them to the dalle3_fast operators.
 #pragma once
 
 #include <cstddef>
@@ -32,10 +32,16 @@ struct GroupNormShape {
   DType dtype = DType::kFloat32;
 };
 
+// How a group is reduced. kAuto picks from the shape; kSinglePass has one CTA own a whole group
+// (channels-first groups that fit in shared memory; others take the multi-pass path anyway);
+// kMultiPass splits every group over several CTAs (stats, finalize, apply). Tests force each.
+enum class GnPath : int { kAuto = 0, kSinglePass = 1, kMultiPass = 2 };
+
 struct GroupNormParams {
   ParamIn weight, bias;       // (C,)
   ParamIn add, scale, shift;  // (B, C), each optional
   bool silu = true;
+  GnPath path = GnPath::kAuto;
 };
 
 // Scratch memory (bytes) the forward/backward needs for this shape on the current device.
@@ -60,8 +66,6 @@ struct AttentionShape {
   int64_t B = 0, N = 0, L = 0, H = 0, D = 0;
   DType dtype = DType::kFloat16;
 };
-
-bool attention_head_dim_supported(int64_t D);
 
 cudaError_t attention_fwd(const AttentionShape& shape, const void* q, const void* k, const void* v,
                           const int32_t* key_lengths, double scale, void* out, void* lse, cudaStream_t stream);

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 
-from dalle3_fast.ops.checks import SUPPORTED_HEAD_DIMS  # the head widths the fused attention ops take
+from dalle3_fast.ops import SUPPORTED_HEAD_DIMS  # the head widths the fused attention ops take
 
 DIFFUSERS_CLASS = "UNet2DConditionModel"
 

@@ -26,7 +26,7 @@ from dalle3_fast.models.weights import weights_file_name
 from dalle3_fast.nn.checkpointing import checkpointed
 from dalle3_fast.nn.resnet import ResnetBlock2D
 from dalle3_fast.nn.sampling import Downsample2D, Upsample2D
-from dalle3_fast.ops.checks import SUPPORTED_HEAD_DIMS
+from dalle3_fast.ops import SUPPORTED_HEAD_DIMS
 
 VAE_EPS = 1e-6  # diffusers' Encoder/Decoder hard-code this GroupNorm epsilon
 

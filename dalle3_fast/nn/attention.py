@@ -89,9 +89,9 @@ class Attention(nn.Module):
     def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  bias: bool = False, out_bias: bool = True, dropout: float = 0.0):
         super().__init__()
-        if dim_head not in ops.checks.SUPPORTED_HEAD_DIMS:
+        if dim_head not in ops.SUPPORTED_HEAD_DIMS:
             raise ValueError(f"Attention: head dim {dim_head} is not supported by the fused attention ops; "
-                             f"choose channels / heads in {ops.checks.SUPPORTED_HEAD_DIMS}")
+                             f"choose channels / heads in {ops.SUPPORTED_HEAD_DIMS}")
         inner = heads * dim_head
         self.heads = heads
         self.dim_head = dim_head

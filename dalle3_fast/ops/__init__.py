@@ -6,28 +6,23 @@
 
 Every call is validated once here, then runs on the backend that ``dispatch.resolve``
 picks (or the one forced by ``use_backend``). The "reference" backend is plain
-PyTorch; the others are torch custom ops with their own backward.
+PyTorch; the others are the torch operators of ``library`` (C++/CUDA or Triton kernels),
+each with its own backward.
 """
 from __future__ import annotations
 
 import torch
 
-from dalle3_fast import _native
-from dalle3_fast.ops import checks, reference
+from dalle3_fast.ops import checks, library, reference
+from dalle3_fast.ops.checks import MAX_KEY_TOKENS, SUPPORTED_HEAD_DIMS
 from dalle3_fast.ops.dispatch import BACKENDS, available_backends, forced_backend, resolve, use_backend
-
-_native.report_once()
+from dalle3_fast.ops.layout import dense
 
 __all__ = [
     "group_norm_silu", "attention", "cross_attention",
     "use_backend", "available_backends", "forced_backend", "BACKENDS", "reference",
+    "SUPPORTED_HEAD_DIMS", "MAX_KEY_TOKENS",
 ]
-
-
-def _custom_ops():
-    from dalle3_fast.ops import custom_ops
-
-    return custom_ops
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=None, shift=None, silu=True):
@@ -46,14 +41,12 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
     backend = resolve("group_norm_silu", x.device)
     if backend == "reference":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, add=add, scale=scale, shift=shift, silu=silu)
-    if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
-        x = x.contiguous()
-    y, _, _ = _custom_ops().group_norm_silu_fwd(
-        x, weight.contiguous(), bias.contiguous(),
+    y, _, _ = library.kernels(backend).group_norm_silu_fwd(
+        dense(x), weight.contiguous(), bias.contiguous(),
         None if add is None else add.contiguous(),
         None if scale is None else scale.contiguous(),
         None if shift is None else shift.contiguous(),
-        num_groups, float(eps), bool(silu), backend)
+        num_groups, float(eps), bool(silu))
     return y
 
 
@@ -62,7 +55,7 @@ def _attention(op, q, k, v, key_lengths, scale):
     backend = resolve(op, q.device)
     if backend == "reference":
         return reference.cross_attention(q, k, v, key_lengths, scale=scale)
-    out, _ = _custom_ops().attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_lengths, scale, backend)
+    out, _ = library.kernels(backend).attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_lengths, scale)
     return out
 
 

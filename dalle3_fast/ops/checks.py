@@ -1,10 +1,13 @@
-"""Input validation shared by every backend: one clear error naming the argument."""
+"""Validation of the public ops' inputs, shared by every backend: one clear ValueError naming
+the argument. (The C++ operators validate again, in csrc/op_checks.cpp, for direct calls.)"""
 from __future__ import annotations
 
 import torch
 
-SUPPORTED_HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)
-MAX_KEY_TOKENS = 512
+from dalle3_fast import _native
+
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(_native.limit("SUPPORTED_HEAD_DIMS"))  # head dims of the attention ops
+MAX_KEY_TOKENS: int = int(_native.limit("MAX_KEY_TOKENS"))  # most keys cross_attention takes
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

@@ -2,14 +2,17 @@
 
 Backends: "reference" (plain PyTorch, always live), "cpu" (C++ kernels in
 ``dalle3_fast._C``), "cuda" (CUDA C++ kernels in ``dalle3_fast._C``) and
-"triton". ``use_backend`` forces one for a block of code; otherwise each call
-takes the fastest live backend for its tensors' device.
+"triton". ``use_backend`` forces one for a block of code in the calling thread;
+otherwise each call takes the fastest live backend for its tensors' device.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import threading
+
+import torch
 
 from dalle3_fast import _native
 
@@ -22,7 +25,20 @@ _CUDA_PREFERENCE = {
     "cross_attention": ("cuda", "triton"),
 }
 
-_forced: list[str] = []
+
+class _Forced(threading.local):
+    """The stack of backends forced by ``use_backend``, one per thread.
+
+    Thread-local like torch's own grad mode and autocast state: torch.compile traces and
+    guards a threading.local attribute, whereas it cannot trace ``ContextVar.get``, so a
+    contextvars-based switch would break every compiled graph that calls an op.
+    """
+
+    def __init__(self):
+        self.stack: tuple[str, ...] = ()
+
+
+_forced = _Forced()
 
 
 def _triton_live() -> bool:
@@ -32,20 +48,17 @@ def _triton_live() -> bool:
         import triton  # noqa: F401
     except Exception:
         return False
-    import torch
-
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available_backends() -> list[str]:
     """The backends that can run in this process, in the order of ``BACKENDS``."""
+    _report()
     return list(_live_backends())
 
 
 @functools.cache
 def _live_backends() -> tuple[str, ...]:
-    import torch
-
     live = ["reference"]
     if _native.has_cpu_kernels():
         live.append("cpu")
@@ -56,9 +69,17 @@ def _live_backends() -> tuple[str, ...]:
     return tuple(live)
 
 
+def _report() -> None:
+    """Log the live backends once per process (a warning if the extension failed to load)."""
+    _native.report_once(list(_live_backends()))
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force backend ``name`` for every fused op called inside the block."""
+    """Force backend ``name`` for every fused op this thread calls inside the block.
+
+    Other threads keep their own choice: two threads may force different backends at once.
+    """
     if name not in BACKENDS:
         raise ValueError(f"use_backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     live = _live_backends()
@@ -67,15 +88,18 @@ def use_backend(name: str):
             f"use_backend: backend {name!r} is not live in this process (live: {', '.join(live)}); "
             + _native.why_not(name)
         )
-    _forced.append(name)
+    outer = _forced.stack
+    _forced.stack = outer + (name,)
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.stack = outer
 
 
 def forced_backend() -> str | None:
-    return _forced[-1] if _forced else None
+    """The backend forced in this thread by the innermost ``use_backend`` block, or None."""
+    stack = _forced.stack
+    return stack[-1] if stack else None
 
 
 def resolve(op: str, device) -> str:
@@ -94,7 +118,8 @@ def resolve(op: str, device) -> str:
         for candidate in _CUDA_PREFERENCE[op]:
             if candidate in live:
                 return candidate
-        return "reference"
-    if device.type == "cpu" and _native.has_cpu_kernels():
+    elif device.type == "cpu" and _native.has_cpu_kernels():
         return "cpu"
+    if not torch.compiler.is_compiling():
+        _report()  # the first fallback to the reference says why no kernel runs
     return "reference"

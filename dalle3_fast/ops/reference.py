@@ -8,14 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from dalle3_fast.ops.layout import acc_dtype, memory_format
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=None, shift=None, silu=True):
     B, C = x.shape[:2]
-    cdt = _compute_dtype(x.dtype)
+    cdt = acc_dtype(x.dtype)
     per_channel = (B, C) + (1,) * (x.dim() - 2)
     h = x.to(cdt)
     if add is not None:
@@ -27,22 +25,25 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
         y = y + shift.to(cdt).view(per_channel)
     if silu:
         y = F.silu(y)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        y = y.contiguous(memory_format=torch.channels_last)
-    return y.to(x.dtype)
+    return y.contiguous(memory_format=memory_format(x)).to(x.dtype)
 
 
 def cross_attention(q, k, v, key_lengths=None, *, scale=None):
     """softmax(q k^T * scale) v over keys [0, key_lengths[b]); layout (B, N, H, D)."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = acc_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if key_lengths is not None:
+        L = k.shape[1]
+        valid = torch.arange(L, device=q.device) < key_lengths.to(q.device).long()[:, None]  # (B, L)
+        # Padding may hold anything (NaN, inf): replace it before any product reads it, so it
+        # reaches neither the output nor the gradients (which are zero there).
+        k, v = (t.masked_fill(~valid[:, :, None, None], 0) for t in (k, v))
     qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
     s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     if key_lengths is None:
         p = torch.softmax(s, dim=-1)
     else:
-        L = k.shape[1]
-        mask = (torch.arange(L, device=q.device) < key_lengths.to(q.device).long()[:, None]).view(-1, 1, 1, L)
+        mask = valid.view(-1, 1, 1, L)
         s = s.masked_fill(~mask, float("-inf"))
         # A sample with no keys: give its rows finite scores, then zero them with the mask.
         s = s.masked_fill((key_lengths == 0).to(q.device).view(-1, 1, 1, 1), 0.0)

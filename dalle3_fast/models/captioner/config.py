@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from dalle3_fast.ops.checks import SUPPORTED_HEAD_DIMS
+from dalle3_fast.ops import SUPPORTED_HEAD_DIMS
 
 IMAGE_STEMS = ("patch", "conv")
 CONV_STEM_GROUPS = 8

@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
+import triton.language as tl
+
+from dalle3_fast.ops.layout import acc_dtype
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def acc_tl_dtype(dtype: torch.dtype):
+    """The accumulation dtype of ``layout.acc_dtype`` as a Triton type."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def autotune(kernel, configs, key, early_config_prune=None):

@@ -24,13 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from dalle3_fast.ops.triton._config import INTERPRET, autotune
+from dalle3_fast.ops.layout import acc_dtype
+from dalle3_fast.ops.triton._config import INTERPRET, acc_tl_dtype, autotune
 
 _LOG2E = math.log2(math.e)
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -378,7 +375,7 @@ def attention_fwd(q, k, v, key_lengths, scale):
     B, N, H, D = q.shape
     L = k.shape[1]
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = torch.empty((B, H, N), device=q.device, dtype=acc_dtype(q.dtype))
     lengths, has_lengths = _lengths_arg(q, key_lengths)
 
     def grid(meta):
@@ -388,7 +385,7 @@ def attention_fwd(q, k, v, key_lengths, scale):
         q, k, v, out, lse, lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N, L, float(scale) * _LOG2E,
-        **_head_dim_split(D), HAS_LENGTHS=has_lengths, ACC=_acc_dtype(q.dtype),
+        **_head_dim_split(D), HAS_LENGTHS=has_lengths, ACC=acc_tl_dtype(q.dtype),
         PRECISION=_dot_precision(q.dtype), **_blocks(),
     )
     return out, lse
@@ -398,7 +395,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, key_lengths, scale):
     """dq, dk, dv for attention_fwd; keys past a sample's length get zero gradient."""
     B, N, H, D = q.shape
     L = k.shape[1]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_tl_dtype(q.dtype)
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     block_d = triton.next_power_of_2(D)

@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dalle3_fast.ops.triton._config import INTERPRET
+from dalle3_fast.ops.layout import acc_dtype, dense, memory_format
+from dalle3_fast.ops.triton._config import INTERPRET, acc_tl_dtype
 
 # Elements per tile (BLOCK_C * BLOCK_S). The interpreter runs numpy per tile, so its
 # tiles are small enough to exercise the masks and the tile loops on tiny test tensors.
@@ -46,14 +47,6 @@ _FUSED, _PARTIAL, _COMBINE = 0, 1, 2
 # A split's chunk is a whole number of tiles (S_CHUNK is a multiple of BLOCK_S), so only
 # the tile holding s = S is partial: masks test s < S, not s < chunk end, which keeps
 # them aligned and the loads vectorised.
-
-
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @triton.jit
@@ -296,16 +289,6 @@ def _bcs_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(3)
 
 
-def _memory_format(x: torch.Tensor):
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _dense(x: torch.Tensor) -> torch.Tensor:
-    return x if x.is_contiguous(memory_format=_memory_format(x)) else x.contiguous()
-
-
 def _blocks(cg: int, s: int, tile: int) -> tuple[int, int]:
     block_c = triton.next_power_of_2(cg)
     block_s = min(triton.next_power_of_2(s), max(tile // block_c, 1))
@@ -342,7 +325,7 @@ def group_norm_silu_fwd(x, weight, bias, add, scale, shift, num_groups, eps, sil
 
     ``splits`` forces the number of programs per group (tests); None picks it from the shape.
     """
-    x = _dense(x)
+    x = dense(x)
     B, C = x.shape[:2]
     S = x.numel() // (B * C)
     G = num_groups
@@ -350,11 +333,13 @@ def group_norm_silu_fwd(x, weight, bias, add, scale, shift, num_groups, eps, sil
     block_c, block_s = _blocks(CG, S, _TILE_FWD)
     if splits is None:
         splits = _plan_splits(B * G, S, block_s, x.device)
+    elif splits < 1:
+        raise ValueError(f"group_norm_silu (triton): `splits` must be None or >= 1, got {splits}")
     s_chunk = _chunk(S, splits, block_s)
     splits = triton.cdiv(S, s_chunk)
 
     y = torch.empty_like(x)
-    stats_dtype = _stats_dtype(x.dtype)
+    stats_dtype = acc_dtype(x.dtype)
     mean = torch.empty((B, G), device=x.device, dtype=stats_dtype)
     rstd = torch.empty_like(mean)
     partial = torch.empty((B * G, splits, 3), device=x.device, dtype=stats_dtype) if splits > 1 else mean
@@ -364,7 +349,7 @@ def group_norm_silu_fwd(x, weight, bias, add, scale, shift, num_groups, eps, sil
     args = (x, y, weight.contiguous(), bias.contiguous(), add_arg, scale_arg, shift_arg, mean, rstd, partial,
             *_bcs_strides(x), C, S, CG, G, s_chunk, float(eps))
     meta = dict(HAS_ADD=has_add, HAS_SCALE=has_scale, HAS_SHIFT=has_shift, SILU=bool(silu),
-                SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), ACC=_acc_dtype(x.dtype),
+                SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), ACC=acc_tl_dtype(x.dtype),
                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     if splits == 1:
         _gn_fwd_kernel[(B * G, 1)](*args, PHASE=_FUSED, **meta)
@@ -379,8 +364,8 @@ def group_norm_silu_bwd(grad_y, x, weight, bias, add, scale, shift, mean, rstd, 
 
     The (B, C) gradients of absent add/scale/shift are zeros.
     """
-    x = _dense(x)
-    grad_y = grad_y.contiguous(memory_format=_memory_format(x))
+    x = dense(x)
+    grad_y = grad_y.contiguous(memory_format=memory_format(x))
     if grad_y.stride() != x.stride():  # the kernel addresses both through x's strides
         grad_y = torch.empty_like(x).copy_(grad_y)
     B, C = x.shape[:2]
@@ -390,10 +375,12 @@ def group_norm_silu_bwd(grad_y, x, weight, bias, add, scale, shift, mean, rstd, 
     block_c, block_s = _blocks(CG, S, _TILE_BWD)
     if splits is None:
         splits = _plan_splits(B * G, S, block_s, x.device)
+    elif splits < 1:
+        raise ValueError(f"group_norm_silu (triton): `splits` must be None or >= 1, got {splits}")
     s_chunk = _chunk(S, splits, block_s)
     splits = triton.cdiv(S, s_chunk)
 
-    stats_dtype = _stats_dtype(x.dtype)
+    stats_dtype = acc_dtype(x.dtype)
     dx = torch.empty_like(x)
     dadd = torch.empty((B, C), device=x.device, dtype=x.dtype)
     dscale = torch.empty_like(dadd)
@@ -409,7 +396,7 @@ def group_norm_silu_bwd(grad_y, x, weight, bias, add, scale, shift, mean, rstd, 
             mean.contiguous(), rstd.contiguous(), partial, dadd, dscale, dshift, dweight_b, dbias_b,
             *_bcs_strides(x), C, S, CG, G, s_chunk)
     meta = dict(HAS_ADD=has_add, HAS_SCALE=has_scale, HAS_SHIFT=has_shift, SILU=bool(silu),
-                SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), ACC=_acc_dtype(x.dtype),
+                SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), ACC=acc_tl_dtype(x.dtype),
                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=_NUM_WARPS)
     if splits == 1:
         _gn_bwd_kernel[(B * G, 1)](*args, PHASE=_FUSED, **meta)

@@ -210,7 +210,18 @@ class Dalle3Pipeline:
         Inpainting: ``init_latents`` (B, C, h, w) scaled latents of the known image and ``mask`` (B, 1, h, w),
         1 where the image is to be repainted; the known region is replaced by the original at every step.
         ``timings``, when given, receives ``text_encoder_s`` (prompt and negative-prompt encoding).
+        The loop runs under ``torch.inference_mode`` (less bookkeeping per op than no_grad); the latents
+        returned are ordinary tensors.
         """
+        with torch.inference_mode():
+            latents = self._generate_latents(prompts, negative_prompts=negative_prompts, width=width, height=height,
+                                             steps=steps, guidance=guidance, seeds=seeds, sampler=sampler,
+                                             init_latents=init_latents, mask=mask, callback=callback,
+                                             truncate=truncate, timings=timings)
+        return latents.clone()
+
+    def _generate_latents(self, prompts, *, negative_prompts, width, height, steps, guidance, seeds, sampler,
+                          init_latents, mask, callback, truncate, timings) -> torch.Tensor:
         prompts = list(prompts)
         if len(seeds) != len(prompts):
             raise PipelineError(f"{len(prompts)} prompts but {len(seeds)} seeds")

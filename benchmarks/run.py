@@ -1,12 +1,16 @@
 """Side-by-side timings of dalle3_fast against its peers, in one process on one device.
 
-    python benchmarks/run.py --suite ops [--json FILE] [--device cpu|cuda]
+    python benchmarks/run.py --suite ops|unet|pipeline [--json FILE] [--device cpu|cuda]
+    python benchmarks/run.py --suite unet --threads 1 --clock thread-cpu [--no-compile]
 
-Each row: op, shape, dtype, implementation, median milliseconds, speedup over PyTorch
-eager, and the fraction of the hardware limit measured in the same process (GroupNorm:
-bytes moved, one read and one write, over the measured copy bandwidth; attention:
-FLOPs over the measured matmul rate). Suites are registered in SUITES; others add theirs
-there (a function taking the parsed arguments and a Bench, adding rows).
+Each row: op, shape, dtype, implementation, median milliseconds, speedup over the suite's
+baseline (ops: PyTorch eager; unet: diffusers' UNet2DConditionModel eager on the same weights;
+pipeline: the same pipeline forced to the reference backend), and for ops the fraction of the
+hardware limit measured in the same process at the same thread count (GroupNorm: bytes moved,
+one read and one write, over the best copy bandwidth of a copy with the same working set, so
+an in-cache row is held to the cache's bandwidth; attention: FLOPs over the best rate of a large
+sgemm). Suites are registered in SUITES (a function taking the parsed arguments and a Bench,
+adding rows); the unet and pipeline suites live in model_suites.py.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # model_suites.py beside this file
 
 import dalle3_fast.ops as ops  # noqa: E402
 
@@ -42,6 +47,7 @@ class Row:
     speedup: float | None = None  # eager ms / this ms
     fraction: float | None = None  # of the measured hardware limit
     note: str = ""
+    limit: float | None = None  # the limit the fraction is of: GB/s (bytes rows) or TFLOP/s (FLOP rows)
 
 
 @dataclass
@@ -50,9 +56,10 @@ class Bench:
     warmup: int
     iters: int
     clock: str = "wall"  # or "thread-cpu": CPU time of the calling thread (single-threaded CPU runs)
-    copy_gbps: float = 0.0
+    copy_gbps: float = 0.0  # out-of-cache (DRAM) copy peak, bytes read + written
     matmul_tflops: float = 0.0
     rows: list[Row] = field(default_factory=list)
+    _copy_peaks: dict[int, float] = field(default_factory=dict)
 
     def time_once_ms(self, fn: Callable[[], object]) -> float:
         if self.device.type == "cuda":
@@ -97,51 +104,114 @@ class Bench:
             raise RuntimeError(result)
         return result
 
+    def _best_ms(self, fn: Callable[[], object], tries: int, min_ms: float = 2.0) -> float:
+        """Best (smallest) ms per call of fn over ``tries`` samples, each repeating fn until it lasts
+        ``min_ms``, so that short calls are not at the clock's resolution. A peak, not a median."""
+        for _ in range(2):
+            fn()
+        reps = 1
+        while self.time_once_ms(lambda: [fn() for _ in range(reps)]) < min_ms and reps < 1 << 16:
+            reps *= 2
+        return min(self.time_once_ms(lambda: [fn() for _ in range(reps)]) / reps for _ in range(tries))
+
+    def copy_peak_gbps(self, working_set_bytes: float) -> float:
+        """Best copy bandwidth (bytes read + written per second / 1e9) of a float32 copy whose source and
+        destination together span ``working_set_bytes``, at the current thread count: the peak for a
+        kernel of that working set, in cache or not. Measured once per size (rounded up to a power of 2)."""
+        size = 1 << max(12, math.ceil(math.log2(max(working_set_bytes, 1))))
+        if size not in self._copy_peaks:
+            src = torch.empty(size // 8, device=self.device, dtype=torch.float32).uniform_()
+            dst = torch.empty_like(src)
+            self._copy_peaks[size] = size / self._best_ms(lambda: dst.copy_(src), tries=7) / 1e6
+        return self._copy_peaks[size]
+
     def measure_limits(self):
+        """DRAM copy peak (a 512 MiB working set: out of every cache) and sgemm peak, best of N, at the
+        thread count the rows run with."""
         if self.device.type == "cuda":
-            n_bytes, mm_n, mm_dtype = 1 << 30, 8192, torch.bfloat16
+            dram_bytes, mm_n, mm_dtype = 1 << 31, 8192, torch.bfloat16
         else:
-            n_bytes, mm_n, mm_dtype = 1 << 27, 2048, torch.float32
-        src = torch.empty(n_bytes // 4, device=self.device, dtype=torch.float32).uniform_()
-        dst = torch.empty_like(src)
-        self.copy_gbps = 2 * n_bytes / self.time_ms(lambda: dst.copy_(src)) / 1e6
+            dram_bytes, mm_n, mm_dtype = 1 << 29, 2048 if torch.get_num_threads() <= 4 else 4096, torch.float32
+        self.copy_gbps = self.copy_peak_gbps(dram_bytes)
         a = torch.randn(mm_n, mm_n, device=self.device, dtype=mm_dtype)
         b = torch.randn(mm_n, mm_n, device=self.device, dtype=mm_dtype)
-        self.matmul_tflops = 2 * mm_n**3 / self.time_ms(lambda: a @ b) / 1e9
-        print(f"device: {device_name(self.device)}; copy {self.copy_gbps:.1f} GB/s (read + write); "
-              f"{mm_dtype} {mm_n}^3 matmul {self.matmul_tflops:.2f} TFLOP/s")
+        c = torch.empty(mm_n, mm_n, device=self.device, dtype=mm_dtype)
+        self.matmul_tflops = 2 * mm_n**3 / self._best_ms(lambda: torch.mm(a, b, out=c), tries=5) / 1e9
+        print(f"device: {device_name(self.device)}; copy {self.copy_gbps:.1f} GB/s out of cache (read + write, best "
+              f"of 7); {mm_dtype} {mm_n}^3 matmul {self.matmul_tflops:.3f} TFLOP/s (best of 5)")
 
     def compare(self, op: str, shape: str, dtype: torch.dtype, impls: dict[str, Callable[[], object]],
-                *, bytes_moved: float | None = None, flops: float | None = None):
-        """Time every impl; the first one named "eager" is the speedup baseline."""
+                *, bytes_moved: float | None = None, flops: float | None = None, baseline: str = "eager",
+                notes: dict[str, str] | None = None):
+        """Time every impl; the one named ``baseline`` is the speedup baseline. ``notes``: text per impl."""
         results = {name: (None, r) if isinstance(r, str) else (r, "") for name, r in self.time_many_ms(impls).items()}
-        eager_ms = results.get("eager", (None, ""))[0]
+        base_ms = results.get(baseline, (None, ""))[0]
+        limit = None
+        if bytes_moved is not None:
+            limit = self.copy_peak_gbps(bytes_moved)
+        elif flops is not None:
+            limit = self.matmul_tflops
         for name, (ms, note) in results.items():
             fraction = None
             if ms is not None and bytes_moved is not None:
-                fraction = bytes_moved / (ms * 1e6) / self.copy_gbps
+                fraction = bytes_moved / (ms * 1e6) / limit
             elif ms is not None and flops is not None:
-                fraction = flops / (ms * 1e9) / self.matmul_tflops
-            speedup = eager_ms / ms if ms is not None and eager_ms is not None else None
-            row = Row(op, shape, str(dtype).removeprefix("torch."), name, ms, speedup, fraction, note)
+                fraction = flops / (ms * 1e9) / limit
+            speedup = base_ms / ms if ms is not None and base_ms is not None else None
+            note = "; ".join(n for n in (note, (notes or {}).get(name, "")) if n)
+            row = Row(op, shape, str(dtype).removeprefix("torch."), name, ms, speedup, fraction, note, limit)
             self.rows.append(row)
             print(format_row(row), flush=True)
+
+    def add_skipped(self, op: str, shape: str, dtype: torch.dtype, impl: str, why: str):
+        """A peer that cannot run here (not installed, failed to build): a row with the reason, no time."""
+        row = Row(op, shape, str(dtype).removeprefix("torch."), impl, None, note=why)
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the ISA extensions that decide which kernel clone runs (from /proc/cpuinfo)."""
+    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
+            "avx512f": None, "avx2": None, "fma": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and info["model"] in (platform.processor(), platform.machine()):
+            info["model"] = value.strip()
+        elif key == "flags":
+            flags = set(value.split())
+            info.update(avx512f="avx512f" in flags, avx2="avx2" in flags, fma="fma" in flags)
+            break
+    return info
+
+
+def isa_summary(info: dict) -> str:
+    if info["avx512f"] is None:
+        return "ISA unknown"
+    return ", ".join(f"{'' if info[k] else 'no '}{k.upper()}" for k in ("avx512f", "avx2", "fma"))
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    info = cpu_info()
+    return f"{info['model']} ({isa_summary(info)}), {torch.get_num_threads()} threads"
 
 
-HEADER = f"{'op':<16} {'shape':<34} {'dtype':<9} {'impl':<22} {'ms':>9} {'speedup':>8} {'of limit':>9}"
+HEADER = f"{'op':<16} {'shape':<34} {'dtype':<9} {'impl':<26} {'ms':>9} {'speedup':>8} {'of limit':>9}"
 
 
 def format_row(r: Row) -> str:
     ms = f"{r.ms:9.3f}" if r.ms is not None else f"{'n/a':>9}"
     sp = f"{r.speedup:7.2f}x" if r.speedup is not None else f"{'':>8}"
     fr = f"{100 * r.fraction:8.1f}%" if r.fraction is not None else f"{'':>9}"
-    return f"{r.op:<16} {r.shape:<34} {r.dtype:<9} {r.impl:<22} {ms} {sp} {fr}" + (f"  {r.note}" if r.note else "")
+    return f"{r.op:<16} {r.shape:<34} {r.dtype:<9} {r.impl:<26} {ms} {sp} {fr}" + (f"  {r.note}" if r.note else "")
 
 
 def kernel_backends(device: torch.device) -> list[str]:
@@ -291,8 +361,22 @@ def suite_ops(args, bench: Bench):
         bench_self_attention(bench, args, [(1, 1024, 8, 64), (1, 2048, 8, 40)], dtype)
 
 
+def suite_unet(args, bench: Bench):
+    import model_suites
+
+    model_suites.suite_unet(args, bench)
+
+
+def suite_pipeline(args, bench: Bench):
+    import model_suites
+
+    model_suites.suite_pipeline(args, bench)
+
+
 SUITES: dict[str, Callable[[argparse.Namespace, Bench], None]] = {
     "ops": suite_ops,
+    "unet": suite_unet,
+    "pipeline": suite_pipeline,
 }
 
 
@@ -315,6 +399,11 @@ def parse_args(argv=None):
                         "processes' load barely disturbs; CPU device with --threads 1 only")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile peers (their compilation takes minutes on a small CPU)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false",
+                   help="unet/pipeline suites: skip the onnxruntime rows (they export the U-Net first)")
+    p.add_argument("--shapes", default="tiny,sd15-fifth",
+                   help="unet suite: which U-Nets, comma-separated (tiny: the shipped tiny U-Net at batch 32, 8x8; "
+                        "sd15-fifth: SD1.5's layout at 1/5 width, random init, batch 2, 32x32)")
     return p.parse_args(argv)
 
 
@@ -347,10 +436,12 @@ def main(argv=None) -> int:
         result = {
             "suite": args.suite,
             "device": device_name(device),
+            "cpu": cpu_info(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "clock": bench.clock,
             "copy_GBps": bench.copy_gbps,
+            "copy_GBps_by_working_set": {str(k): v for k, v in sorted(bench._copy_peaks.items())},
             "matmul_TFLOPs": bench.matmul_tflops,
             "command": "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "rows": [asdict(r) for r in bench.rows],

@@ -85,6 +85,7 @@ class Dalle3Pipeline:
         self.prediction_type = prediction_type
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.sizes = list(sizes or [self.defaults["size"]])
+        self.unet_engine = None  # an export.EngineUNet that runs every denoising step instead of self.unet
 
     # ------------------------------------------------------------------ files
     @classmethod
@@ -194,13 +195,20 @@ class Dalle3Pipeline:
         return tokens.to(device=self.device, dtype=self.dtype), lengths.to(self.device)
 
     def _net(self, tokens: torch.Tensor, lengths: torch.Tensor, width: int, height: int) -> Callable:
-        """``net(x_vp, t)`` for the U-Net with the prompt's cross-attention K/V computed once."""
-        kv = self.unet.precompute_text_kv(tokens, lengths)
+        """``net(x_vp, t)``: the U-Net with the prompt's cross-attention K/V computed once, or the U-Net engine."""
         added = None
-        if self.unet.config.get("addition_embed_type") == "text_time":
+        if self.unet.size_conditioned:
             added = {"text_embeds": pooled_text_embeds(tokens, lengths),
                      "time_ids": size_time_ids(tokens.shape[0], (height, width), (0, 0), (height, width),
                                                device=tokens.device, dtype=tokens.dtype)}
+        if self.unet_engine is not None:
+            engine, time_ids = self.unet_engine, None if added is None else added["time_ids"]
+
+            def engine_net(x, t):
+                return engine(x, t, tokens, lengths, time_ids)
+
+            return engine_net
+        kv = self.unet.precompute_text_kv(tokens, lengths)
 
         def net(x, t):
             return self.unet(x, t.to(x.device), text_kv=kv, added_cond_kwargs=added)
@@ -218,7 +226,18 @@ class Dalle3Pipeline:
         Inpainting: ``init_latents`` (B, C, h, w) scaled latents of the known image and ``mask`` (B, 1, h, w),
         1 where the image is to be repainted; the known region is replaced by the original at every step.
         ``timings``, when given, receives ``text_encoder_s`` (prompt and negative-prompt encoding).
+        The loop runs under ``torch.inference_mode`` (less bookkeeping per op than no_grad); the latents
+        returned are ordinary tensors.
         """
+        with torch.inference_mode():
+            latents = self._generate_latents(prompts, negative_prompts=negative_prompts, width=width, height=height,
+                                             steps=steps, guidance=guidance, seeds=seeds, sampler=sampler,
+                                             init_latents=init_latents, mask=mask, callback=callback,
+                                             truncate=truncate, timings=timings)
+        return latents.clone()
+
+    def _generate_latents(self, prompts, *, negative_prompts, width, height, steps, guidance, seeds, sampler,
+                          init_latents, mask, callback, truncate, timings) -> torch.Tensor:
         prompts = list(prompts)
         if len(seeds) != len(prompts):
             raise PipelineError(f"{len(prompts)} prompts but {len(seeds)} seeds")

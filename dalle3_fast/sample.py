@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decode with an exported 2-step decoder instead of the PyTorch one: a .onnx file "
                         "(onnxruntime) or a TensorRT .plan, from `python -m dalle3_fast.export --part decoder`; "
                         "implies --decoder consistency")
+    p.add_argument("--unet-engine", default=None,
+                   help="run every denoising step on an exported U-Net instead of the PyTorch one: a .onnx file "
+                        "(onnxruntime, CPU) or a TensorRT .plan (GPU), from `python -m dalle3_fast.export --part unet`")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="U-Net/VAE/decoder precision (default float32)")
@@ -128,6 +131,10 @@ def run(args) -> int:
             from dalle3_fast.export import use_decoder_engine
 
             use_decoder_engine(pipe, Path(args.decoder_engine))
+        if args.unet_engine is not None:
+            from dalle3_fast.export.engine_unet import use_unet_engine
+
+            use_unet_engine(pipe, Path(args.unet_engine))
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(str(exc)) from exc
     load_s = time.perf_counter() - t0

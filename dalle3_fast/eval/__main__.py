@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=16, help="images generated per call (default 16)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--unet-engine", default=None,
+                   help="run the denoising steps on an exported U-Net: an .onnx file (onnxruntime) or a TensorRT "
+                        ".plan (GPU), from python -m dalle3_fast.export --part unet")
     p.add_argument("--save-images", default=None, help="directory to write every generated image to")
     p.add_argument("--json", default=None, help="also write the report as JSON to this path")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -53,6 +56,10 @@ def main(argv=None) -> int:
                                                                                  args.world_style)
         scorer = load_scorer(args.scorer, args.device)
         pipe = load_pipeline(args.pipeline, args.device, "float32")
+        if args.unet_engine:
+            from dalle3_fast.export.engine_unet import use_unet_engine
+
+            use_unet_engine(pipe, args.unet_engine)
         report = evaluate(pipe, prompts, scorer=scorer, n=args.n, seed=args.seed, steps=args.steps,
                           guidance=args.guidance, size=args.size, batch_size=args.batch_size,
                           save_images=args.save_images, progress=not args.no_progress)

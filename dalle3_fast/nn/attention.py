@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dalle3_fast import ops
@@ -101,9 +102,29 @@ class Attention(nn.Module):
         self.to_k = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self._qkv_cache: tuple | None = None  # (key, weight, bias) of the stacked self-attention projections
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         return t.unflatten(-1, (self.heads, self.dim_head))
+
+    def _stacked_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """to_q, to_k, to_v as one (3 * inner, C) projection: one GEMM instead of three per self-attention.
+
+        Outside autograd and tracing the stacked copy is kept and remade only when a weight changes
+        (another tensor, or an in-place update: load_state_dict, optimizer steps)."""
+        layers = (self.to_q, self.to_k, self.to_v)
+        weights = [layer.weight for layer in layers]
+        biases = [layer.bias for layer in layers]
+        tensors = weights + [b for b in biases if b is not None]
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling() and all(
+            type(t) is nn.Parameter or type(t) is torch.Tensor for t in tensors)
+        key = tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in tensors) if cacheable else None
+        if key is not None and self._qkv_cache is not None and self._qkv_cache[0] == key:
+            return self._qkv_cache[1], self._qkv_cache[2]
+        weight = torch.cat(weights)
+        bias = None if biases[0] is None else torch.cat(biases)
+        self._qkv_cache = (key, weight, bias) if key is not None else None
+        return weight, bias
 
     def project_kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, L, heads, dim_head) of ``tokens`` (B, L, C)."""
@@ -113,11 +134,12 @@ class Attention(nn.Module):
         """hidden_states (B, N, query_dim) -> (B, N, query_dim)."""
         if hidden_states.dim() != 3:
             raise ValueError(f"Attention: `hidden_states` must be (B, N, C), got {tuple(hidden_states.shape)}")
-        q = self._heads(self.to_q(hidden_states))
         if not self.is_cross_attention:
-            k, v = self.project_kv(hidden_states)
+            qkv = F.linear(hidden_states, *self._stacked_qkv())
+            q, k, v = qkv.unflatten(-1, (3, self.heads, self.dim_head)).unbind(-3)
             out = ops.attention(q, k, v, scale=self.dim_head ** -0.5)
         else:
+            q = self._heads(self.to_q(hidden_states))
             if context is None:
                 raise ValueError("Attention: this is a cross-attention layer; pass a TextContext with the text tokens")
             if context.kv is not None:
@@ -132,4 +154,5 @@ class Attention(nn.Module):
                                  f"batch {q.shape[0]}; give one prompt per sample")
             out = ops.cross_attention(q, k.to(q.dtype), v.to(q.dtype), context.lengths, scale=self.dim_head ** -0.5)
         out = self.to_out[0](out.flatten(-2))
-        return self.to_out[1](out)
+        dropout = self.to_out[1]
+        return dropout(out) if dropout.training and dropout.p > 0 else out

@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder-engine", default=None,
                    help="decode with an exported 2-step decoder: a TensorRT .plan (GPU) or an .onnx file "
                         "(onnxruntime), from python -m dalle3_fast.export --part decoder")
+    p.add_argument("--unet-engine", default=None,
+                   help="run the denoising steps on an exported U-Net: an .onnx file (onnxruntime) or a TensorRT "
+                        ".plan (GPU), from python -m dalle3_fast.export --part unet")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of the model worker")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
@@ -92,6 +95,10 @@ def build(args):
         from dalle3_fast.export import use_decoder_engine
 
         use_decoder_engine(pipe, Path(args.decoder_engine))
+    if args.unet_engine:
+        from dalle3_fast.export.engine_unet import use_unet_engine
+
+        use_unet_engine(pipe, Path(args.unet_engine))
     try:
         app = create_app(pipe, config)
     except ValueError as exc:

@@ -43,7 +43,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
         weight = x.new_ones(C)
     if bias is None:
         bias = x.new_zeros(C)
-    backend = resolve("group_norm_silu", x.device)
+    backend = resolve("group_norm_silu", x.device, (x, num_groups, silu, add, scale, shift))
     if backend == "reference":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, add=add, scale=scale, shift=shift, silu=silu)
     if not (x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))):
@@ -59,7 +59,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
 
 def _attention(op, q, k, v, key_lengths, scale):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = resolve(op, q.device)
+    backend = resolve(op, q.device, (q, k, key_lengths))
     if backend == "reference":
         return reference.cross_attention(q, k, v, key_lengths, scale=scale)
     out, _ = _custom_ops().attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_lengths, scale, backend)

@@ -12,6 +12,7 @@ import functools
 import os
 
 from dalle3_fast import _native
+from dalle3_fast.ops import cpu_policy
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -78,8 +79,12 @@ def forced_backend() -> str | None:
     return _forced[-1] if _forced else None
 
 
-def resolve(op: str, device) -> str:
-    """The backend that runs ``op`` for tensors on ``device``."""
+def resolve(op: str, device, inputs: tuple = ()) -> str:
+    """The backend that runs ``op`` for tensors on ``device``.
+
+    ``inputs`` (the op's leading arguments, see ``cpu_policy.prefers_kernel``) lets a CPU call
+    take the plain-PyTorch path at the shapes where that is faster than our kernel.
+    """
     name = forced_backend()
     if name is not None:
         if name in ("cuda",) and device.type != "cuda":
@@ -95,6 +100,6 @@ def resolve(op: str, device) -> str:
             if candidate in live:
                 return candidate
         return "reference"
-    if device.type == "cpu" and _native.has_cpu_kernels():
+    if device.type == "cpu" and _native.has_cpu_kernels() and cpu_policy.prefers_kernel(op, *inputs):
         return "cpu"
     return "reference"

@@ -29,7 +29,9 @@ def native_extensions():
         return [], {}
 
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
-    cxx = ["-O3", "-std=c++20", *openmp]
+    # -fno-trapping-math: without it GCC keeps the clamps of exp_f32 (csrc/cpu/simd.h) as branches
+    # and leaves every loop over exp/sigmoid scalar in the AVX2 and SSE2 clones (tests/test_cpu_vectorised.py).
+    cxx = ["-O3", "-std=c++20", "-fno-trapping-math", *openmp]
     sources = [*sorted(glob.glob("csrc/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     want_cuda = os.environ.get("DALLE3_FAST_FORCE_CUDA") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("DALLE3_FAST_NO_CUDA") != "1")

@@ -38,7 +38,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
         weight = x.new_ones(C)
     if bias is None:
         bias = x.new_zeros(C)
-    backend = resolve("group_norm_silu", x.device)
+    backend = resolve("group_norm_silu", x.device, (x, num_groups, silu, add, scale, shift))
     if backend == "reference":
         return reference.group_norm_silu(x, weight, bias, num_groups, eps, add=add, scale=scale, shift=shift, silu=silu)
     y, _, _ = library.kernels(backend).group_norm_silu_fwd(
@@ -52,7 +52,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
 
 def _attention(op, q, k, v, key_lengths, scale):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    backend = resolve(op, q.device)
+    backend = resolve(op, q.device, (q, k, key_lengths))
     if backend == "reference":
         return reference.cross_attention(q, k, v, key_lengths, scale=scale)
     out, _ = library.kernels(backend).attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(), key_lengths, scale)

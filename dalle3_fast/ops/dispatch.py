@@ -15,6 +15,7 @@ import threading
 import torch
 
 from dalle3_fast import _native
+from dalle3_fast.ops import cpu_policy
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 
@@ -102,8 +103,12 @@ def forced_backend() -> str | None:
     return stack[-1] if stack else None
 
 
-def resolve(op: str, device) -> str:
-    """The backend that runs ``op`` for tensors on ``device``."""
+def resolve(op: str, device, inputs: tuple = ()) -> str:
+    """The backend that runs ``op`` for tensors on ``device``.
+
+    ``inputs`` (the op's leading arguments, see ``cpu_policy.prefers_kernel``) lets a CPU call
+    take the plain-PyTorch path at the shapes where that is faster than our kernel.
+    """
     name = forced_backend()
     if name is not None:
         if name in ("cuda",) and device.type != "cuda":
@@ -119,7 +124,9 @@ def resolve(op: str, device) -> str:
             if candidate in live:
                 return candidate
     elif device.type == "cpu" and _native.has_cpu_kernels():
-        return "cpu"
+        # Where PyTorch's own path beats our kernel (small tiles, dense self-attention) the
+        # reference (eager GroupNorm, SDPA) is the faster choice, not a fallback.
+        return "cpu" if cpu_policy.prefers_kernel(op, *inputs) else "reference"
     if not torch.compiler.is_compiling():
         _report()  # the first fallback to the reference says why no kernel runs
     return "reference"

@@ -45,11 +45,11 @@ SHARES = {"build": 170, "spot": 25, "tests": 110, "sanitizer": 55, "bench": 120}
 DEFAULT_BUDGET_S = sum(SHARES.values())
 MIN_STAGE_S = 10  # a stage with less left than this is not started
 # The op test files: on a GPU their backend fixtures run cuda and triton on CUDA tensors.
-OP_TEST_FILES = ("tests/test_ops.py", "tests/test_triton_specific.py", "tests/test_ops_errors.py",
-                 "tests/test_ops_compile.py")
+OP_TEST_FILES = ("tests/ops/test_ops.py", "tests/ops/test_triton_specific.py", "tests/ops/test_ops_errors.py",
+                 "tests/ops/test_ops_compile.py", "tests/ops/test_ops_padding.py")
 # Covered by the build stage (and CI, which has nvcc and triton's compiler but no GPU); minutes long.
-OP_TEST_DESELECT = ("tests/test_triton_specific.py::test_kernels_compile_for_sm90_without_spills",)
-DRY_RUN_TESTS = ("tests/test_ops.py::test_default_scale_is_inverse_sqrt_head_dim",)
+OP_TEST_DESELECT = ("tests/ops/test_triton_specific.py::test_kernels_compile_for_sm90_without_spills",)
+DRY_RUN_TESTS = ("tests/ops/test_ops.py::test_default_scale_is_inverse_sqrt_head_dim",)
 
 
 class UsageError(Exception):

@@ -5,7 +5,7 @@
 
 spot: each op on each live GPU backend (cuda, then triton) at SD shapes, forward and every gradient,
 against the float64 reference on the same device; one JSON line per (case, dtype, backend) appended to
---rows. Bounds on ||out - ref|| / ||ref|| as in tests/test_ops.py (bf16 1e-2, fp16 2e-3).
+--rows. Bounds on ||out - ref|| / ||ref|| as in tests/ops/test_ops.py (bf16 1e-2, fp16 2e-3).
 sanitize: a small forward + backward of each CUDA kernel family with the cuda backend forced, meant to
 run under compute-sanitizer; prints CASE-OK <name> after a device synchronize. --device cpu runs the
 same code on CPU tensors (the cpu backend, or the reference where the extension is not built): the dry run.
@@ -56,7 +56,7 @@ def _torch():
 
 
 def rel_err(out, ref) -> float:
-    """||out - ref|| / ||ref||, ||ref|| floored at an RMS of 0.1 (as tests/test_ops.py: inputs are O(1))."""
+    """||out - ref|| / ||ref||, ||ref|| floored at an RMS of 0.1 (as tests/ops/test_ops.py: inputs are O(1))."""
     out, ref = out.double(), ref.double()
     floor = 0.1 * max(ref.numel(), 1) ** 0.5
     return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()

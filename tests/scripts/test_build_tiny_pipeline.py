@@ -12,7 +12,7 @@ import torch
 from dalle3_fast.data.shards import iter_samples
 from dalle3_fast.pipeline import Dalle3Pipeline
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "build_tiny_pipeline.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "build_tiny_pipeline.py"
 
 
 def build(*args):

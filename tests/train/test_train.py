@@ -19,7 +19,7 @@ from dalle3_fast.train import checkpoint as ckpt
 from dalle3_fast.train.images import image_grid
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+ROOT = HERE.parents[1]
 
 
 class ToyTask(Task):

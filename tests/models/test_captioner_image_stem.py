@@ -12,7 +12,7 @@ from dalle3_fast.models.captioner import CoCa, CoCaConfig
 from dalle3_fast.models.captioner.image_encoder import ConvStem
 from dalle3_fast.models.tokenizer import SentencePieceTokenizer
 
-ASSET = Path(__file__).resolve().parents[1] / "dalle3_fast" / "assets" / "captioner_dsc"
+ASSET = Path(__file__).resolve().parents[2] / "dalle3_fast" / "assets" / "captioner_dsc"
 SMALL = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=1, vision_heads=2, pooler_heads=2,
              caption_queries=8, max_text_len=24, text_width=64, text_heads=2, text_layers=1, multimodal_layers=1,
              embed_dim=32)

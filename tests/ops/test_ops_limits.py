@@ -10,7 +10,7 @@ import pytest
 import dalle3_fast.ops as ops
 from dalle3_fast import _native
 
-HEADER = Path(__file__).resolve().parents[1] / "csrc" / "op_limits.h"
+HEADER = Path(__file__).resolve().parents[2] / "csrc" / "op_limits.h"
 
 
 def header_limits() -> dict:

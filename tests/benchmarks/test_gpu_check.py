@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
@@ -241,11 +241,11 @@ def test_build_without_live_cuda_kernels_fails(gpu_check, tmp_path):
 
 def test_pytest_runs_are_judged_by_exit_code(gpu_check, tmp_path):
     run = _run_obj(gpu_check, tmp_path)
-    ok = run._pytest("one", ["tests/test_gpu_check.py::test_arch_and_budgets"], 120, allow_none=False)
+    ok = run._pytest("one", ["tests/benchmarks/test_gpu_check.py::test_arch_and_budgets"], 120, allow_none=False)
     assert ok["status"] == "ok" and ok["passed"] == 1 and ok["failed"] == 0
-    none = run._pytest("none", ["-m", "no_such_marker_anywhere", "tests/test_gpu_check.py"], 120, allow_none=True)
+    none = run._pytest("none", ["-m", "no_such_marker_anywhere", "tests/benchmarks/test_gpu_check.py"], 120, allow_none=True)
     assert none["status"] == "ok" and none["rc"] == 5
-    bad = run._pytest("bad", ["tests/test_gpu_check.py::no_such_test"], 120, allow_none=True)
+    bad = run._pytest("bad", ["tests/benchmarks/test_gpu_check.py::no_such_test"], 120, allow_none=True)
     assert bad["status"] == "fail"
 
 

@@ -5,7 +5,8 @@ import torch
 
 from dalle3_fast.data.shards import ShardWriter
 from dalle3_fast.data.world import world_sample
-from dalle3_fast.train.task import TaskContext, build_task
+from dalle3_fast.train.task import TaskContext
+from dalle3_fast.train.tasks import build_task
 from dalle3_fast.train.tasks.image_data import ImageDataOptions, image_batches
 
 N = 8

@@ -1,7 +1,7 @@
 """The denoising loop's U-Net backed by an exported one-step graph (``python -m dalle3_fast.export --part unet``).
 
     use_unet_engine(pipe, Path("unet.onnx"))     # onnxruntime, CPU
-    use_unet_engine(pipe, Path("unet.plan"))     # TensorRT, CUDA (export/tensorrt_unet.py)
+    use_unet_engine(pipe, Path("unet.plan"))     # TensorRT, CUDA (TRTUNet)
     out = pipe(prompts)                           # every denoising step runs the engine
 
 The engine takes what the exported ``UNetGraph`` takes (sample, timestep, encoder_hidden_states,
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from dalle3_fast.export.tensorrt import TRTEngine
 
 UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "encoder_lengths")
 ONNX_SUFFIXES = (".onnx",)
@@ -92,6 +94,23 @@ class ORTUNet(EngineUNet):
         return torch.from_numpy(self.session.run(None, arrays)[0])
 
 
+class TRTUNet(EngineUNet):
+    """``EngineUNet`` on a deserialized TensorRT plan (built by ``python -m dalle3_fast.export --part unet
+    --onnx unet.onnx --tensorrt unet.plan``); inputs go to CUDA in the engine's dtypes. Needs the
+    ``tensorrt`` package and a GPU, as export/tensorrt.py."""
+
+    def __init__(self, plan_path: str | os.PathLike, *, like):
+        super().__init__(plan_path, like)
+        self.engine = TRTEngine(self.path)
+        shapes = {n: list(self.engine.engine.get_tensor_shape(n)) for n in self.engine.input_names}
+        self._check_io(self.engine.input_names, {n: [d if d >= 0 else None for d in s] for n, s in shapes.items()})
+        if len(self.engine.output_names) != 1:
+            raise ValueError(f"{self.path} has outputs {self.engine.output_names}; a U-Net step has one (prediction)")
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.engine(**feeds)[self.engine.output_names[0]]
+
+
 def load_unet_engine(path: str | os.PathLike, *, like) -> EngineUNet:
     """The engine in ``path`` for a U-Net like ``like``: .onnx -> onnxruntime, .plan/.engine/.trt -> TensorRT.
 
@@ -107,8 +126,6 @@ def load_unet_engine(path: str | os.PathLike, *, like) -> EngineUNet:
         except ValueError as exc:
             raise ValueError(f"--unet-engine {exc}") from None
     if suffix in TENSORRT_SUFFIXES:
-        from dalle3_fast.export.tensorrt_unet import TRTUNet
-
         try:
             return TRTUNet(path, like=like)
         except (RuntimeError, ValueError) as exc:

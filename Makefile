@@ -41,7 +41,7 @@ bench: install
 # It runs from the tree without installing; with no project venv it uses python3 (the CUDA torch there).
 # Flags through GPU_CHECK_ARGS, e.g. make gpu-check GPU_CHECK_ARGS="--skip-build --stages bench".
 gpu-check:
-	$(if $(wildcard $(PY)),$(PY),python3) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+	$(if $(PYTHON),$(PYTHON),$(if $(wildcard $(PY)),$(PY),python3)) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build dalle3_fast/_C*.so *.egg-info

@@ -4,29 +4,13 @@ import json
 import re
 
 import pytest
-import torch
 
 from dalle3_fast.data.shards import ShardWriter, iter_samples
 from dalle3_fast.data.world import world_sample
-from dalle3_fast.models.captioner import CoCa, CoCaConfig
-from dalle3_fast.models.tokenizer import SentencePieceTokenizer
 from dalle3_fast.recaption import REPORT_DIR, _build_parser, main
-
-SIZE = 32
-TINY = dict(image_size=SIZE, patch_size=8, vision_width=64, vision_layers=1, vision_heads=2, pooler_heads=2,
-            caption_queries=8, max_text_len=48, text_width=64, text_heads=2, text_layers=1, multimodal_layers=1,
-            embed_dim=32)
+from test_recaption import SIZE, captioner_dir  # noqa: F401  (the same tiny captioner, a module fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def captioner_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("captioner")
-    tokenizer = SentencePieceTokenizer.train([world_sample(0, i)[1]["dsc"] for i in range(200)], vocab_size=96)
-    torch.manual_seed(0)
-    CoCa.from_tokenizer(tokenizer, CoCaConfig(**TINY)).save_pretrained(path)
-    return path
 
 
 def write_shard(path, first, count, broken=False):

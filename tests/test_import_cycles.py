@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +62,17 @@ def _import_time_statements(body, deferred=False):
 
 
 def import_graph(deferred: bool = False) -> dict[str, set[str]]:
-    """{module: the dalle3_fast modules it imports at import time (``deferred``: or inside functions)}."""
+    """{module: the dalle3_fast modules it imports at import time (``deferred``: or inside functions)}.
+
+    Read in a fresh interpreter: inside a long test run CPython 3.11's ast.parse can fail with
+    "AST constructor recursion depth mismatch" once something has changed the recursion limit.
+    """
+    flag = "--deferred" if deferred else "--module-level"
+    out = subprocess.run([sys.executable, __file__, flag], capture_output=True, text=True, check=True)
+    return {name: set(targets) for name, targets in json.loads(out.stdout).items()}
+
+
+def _import_graph_here(deferred: bool) -> dict[str, set[str]]:
     files = module_files()
     graph = {name: set() for name in files}
     for name, path in files.items():
@@ -163,3 +174,8 @@ def test_every_module_imports():
 @pytest.mark.parametrize("name", ["dalle3_fast.export.tensorrt", "dalle3_fast.export.engine_decoder"])
 def test_export_modules_import_alone(name):
     importlib.import_module(name)
+
+
+if __name__ == "__main__":
+    graph = _import_graph_here(sys.argv[1] == "--deferred")
+    print(json.dumps({name: sorted(targets) for name, targets in graph.items()}))

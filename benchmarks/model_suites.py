@@ -10,10 +10,15 @@ runs it: the prompt's cross-attention K/V computed once per sampling call (``tex
 
 pipeline: images/s of the tiny pipeline, 16 prompts, 20 steps, CFG 5: ours (default backend) vs the same
 pipeline under ``use_backend("reference")`` (the baseline) vs ours with ``--unet-engine`` (onnxruntime).
+``--busy N`` repeats the comparison while N other processes spin on the CPU (one row set per count), to
+show how each path degrades when the cores are oversubscribed.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -184,10 +189,26 @@ PIPELINE_STEPS = 20
 PIPELINE_GUIDANCE = 5.0
 
 
-def pipeline_prompts(n: int = PIPELINE_PROMPTS) -> list[str]:
+@contextlib.contextmanager
+def busy_processes(n: int):
+    """``n`` processes that spin on the CPU (pure Python loops: no memory traffic) while the block runs."""
+    # Each stops by itself once its parent is gone, should this process be killed before the finally.
+    spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(n)]
+    try:
+        time.sleep(0.5 if n else 0)  # let them be scheduled before the first timed call
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def pipeline_prompts(n: int | None = None) -> list[str]:
     from dalle3_fast.eval.prompts import world_prompts
 
-    return [p.prompt for p in world_prompts(n, seed=1)]
+    return [p.prompt for p in world_prompts(n or PIPELINE_PROMPTS, seed=1)]
 
 
 def suite_pipeline(args, bench):
@@ -219,7 +240,10 @@ def suite_pipeline(args, bench):
                 bench.add_skipped(op, shape, dtype, "ours --unet-engine onnx",
                                   f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
         start = len(bench.rows)
-        bench.compare(op, shape, dtype, impls, baseline=BASELINE_PIPELINE, notes=notes)
+        for busy in args.busy:
+            with busy_processes(busy):
+                bench.compare(op, shape + (f", {busy} busy processes" if busy else ""), dtype, impls,
+                              baseline=BASELINE_PIPELINE, notes=notes)
     for row in bench.rows[start:]:
         if row.ms is not None:
             rate = f"{len(prompts) / (row.ms / 1e3):.2f} images/s"

@@ -404,7 +404,18 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default="tiny,sd15-fifth",
                    help="unet suite: which U-Nets, comma-separated (tiny: the shipped tiny U-Net at batch 32, 8x8; "
                         "sd15-fifth: SD1.5's layout at 1/5 width, random init, batch 2, 32x32)")
-    return p.parse_args(argv)
+    p.add_argument("--busy", default="0",
+                   help="pipeline suite: comma-separated counts of CPU-spinning processes to run beside the timed "
+                        "calls, one set of rows per count (default 0: a quiet machine; e.g. 0,2 for quiet and "
+                        "oversubscribed)")
+    args = p.parse_args(argv)
+    try:
+        args.busy = [int(n) for n in args.busy.split(",")]
+    except ValueError:
+        p.error(f"--busy takes comma-separated counts such as 0,2, not {args.busy!r}")
+    if any(n < 0 for n in args.busy):
+        p.error("--busy counts must be >= 0")
+    return args
 
 
 def main(argv=None) -> int:

@@ -8,10 +8,13 @@ SDXL (fp32 and bf16, 1 and 2 threads, AVX2 without AVX-512); the table is
 cpu_policy_measurements.json next to this file, and tests/test_cpu_policy.py checks
 that every clear-cut row of it is routed to its faster path.
 
-- group_norm_silu: the kernel when it fuses something (SiLU or a modulation) and every
-  channel has at least GN_MIN_POSITIONS positions (GN_MIN_POSITIONS_GRAD when autograd
-  will run the backward, which loses at 16x16). Plain GroupNorm is one ATen kernel
-  already, and below 16x16 the per-channel loops are too short.
+- group_norm_silu on channels_last maps (how the U-Nets run them), where eager GroupNorm
+  is 1.5-3x slower than on NCHW: the kernel forward whenever it fuses SiLU or a
+  modulation, and for plain GroupNorm from 8x8 (in bf16 with over 256 channels from 16x16); with the
+  backward from 16x16, or from 8x8 when there are at most 256 channels.
+- group_norm_silu on contiguous NCHW maps: the kernel only when it fuses something, from
+  8x8 forward (4x4 with a modulation, whose eager add is one more pass), from 32x32 with
+  the backward; plain GroupNorm is one ATen kernel already.
 - cross_attention (per-sample key lengths): the kernel; it skips the padded keys that
   SDPA computes and masks (1.2-1.9x at every measured shape forward, 1.07-1.6x backward).
 - attention (dense self-attention): SDPA, except float32 inference at <= SELF_MAX_QUERIES
@@ -22,8 +25,6 @@ from __future__ import annotations
 
 import torch
 
-GN_MIN_POSITIONS = 256
-GN_MIN_POSITIONS_GRAD = 1024
 SELF_MAX_QUERIES = 64
 
 
@@ -39,7 +40,7 @@ def prefers_kernel(op: str, *inputs) -> bool:
         x, _num_groups, silu, add, scale, shift = inputs
         modulation = [t for t in (add, scale, shift) if t is not None]
         return group_norm_prefers_kernel(tuple(x.shape), bool(silu), bool(modulation),
-                                         _needs_grad(x, *modulation))
+                                         _needs_grad(x, *modulation), _is_channels_last(x), x.dtype)
     if op in ("attention", "cross_attention"):
         q, k, key_lengths = inputs
         return attention_prefers_kernel(tuple(q.shape), tuple(k.shape), key_lengths is not None, q.dtype,
@@ -51,11 +52,24 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def group_norm_prefers_kernel(shape: tuple[int, ...], silu: bool, modulated: bool, grad: bool = False) -> bool:
-    positions = 1
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def group_norm_prefers_kernel(shape: tuple[int, ...], silu: bool, modulated: bool, grad: bool = False,
+                              channels_last: bool = False, dtype: torch.dtype = torch.float32) -> bool:
+    channels, positions = shape[1], 1
     for n in shape[2:]:
         positions *= n
-    return (silu or modulated) and positions >= (GN_MIN_POSITIONS_GRAD if grad else GN_MIN_POSITIONS)
+    if not channels_last:
+        if grad:
+            return (silu or modulated) and positions >= 1024
+        return (silu or modulated) and positions >= 64 or modulated and positions >= 16
+    if grad:  # from 8x8 only where a group's channels are few
+        return positions >= 256 or positions >= 64 and channels <= 256
+    if silu or modulated:
+        return True
+    return positions >= (64 if dtype == torch.float32 or channels <= 256 else 256)
 
 
 def attention_prefers_kernel(q_shape: tuple[int, ...], k_shape: tuple[int, ...], masked: bool,
@@ -63,3 +77,14 @@ def attention_prefers_kernel(q_shape: tuple[int, ...], k_shape: tuple[int, ...],
     if masked:
         return True
     return dtype == torch.float32 and not grad and q_shape[1] <= SELF_MAX_QUERIES
+
+
+def row_prefers_kernel(row: dict) -> bool:
+    """The decision for one row of cpu_policy_measurements.json (its shape, flags, dtype and layout)."""
+    grad = row["backward"]
+    if row["op"] == "group_norm_silu":
+        return group_norm_prefers_kernel(tuple(row["shape"]), row["silu"], row["add"], grad,
+                                         row.get("layout", "nchw") == "channels_last", getattr(torch, row["dtype"]))
+    B, N, H, D = row["shape"]
+    return attention_prefers_kernel((B, N, H, D), (B, row["keys"], H, D), row["op"] == "cross_attention",
+                                    getattr(torch, row["dtype"]), grad)

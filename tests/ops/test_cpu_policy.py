@@ -28,12 +28,7 @@ def _rows():
 
 
 def _decision(row) -> bool:
-    grad = row["backward"]
-    if row["op"] == "group_norm_silu":
-        return cpu_policy.group_norm_prefers_kernel(tuple(row["shape"]), row["silu"], row["add"], grad)
-    B, N, H, D = row["shape"]
-    return cpu_policy.attention_prefers_kernel((B, N, H, D), (B, row["keys"], H, D), row["op"] == "cross_attention",
-                                               getattr(torch, row["dtype"]), grad)
+    return cpu_policy.row_prefers_kernel(row)
 
 
 def test_measurements_cover_every_op_dtype_and_thread_count():
@@ -41,6 +36,7 @@ def test_measurements_cover_every_op_dtype_and_thread_count():
     assert {r["op"] for r in rows} == {"group_norm_silu", "attention", "cross_attention"}
     assert {r["dtype"] for r in rows} >= {"float32", "bfloat16"}
     assert {r["threads"] for r in rows} >= {1, 2}
+    assert {r["layout"] for r in rows if r["op"] == "group_norm_silu"} == {"nchw", "channels_last"}
     for r in rows:
         assert r["cpu_ms"] > 0 and r["reference_ms"] > 0, r
 
@@ -64,14 +60,18 @@ def test_policy_matches_the_recorded_decisions():
 
 
 # One representative per class, small enough for a test.
-GN_CASES = [  # shape, silu, modulated (add), expected backend
-    ((2, 64, 16, 16), True, False, "cpu"),
-    ((2, 64, 16, 16), True, True, "cpu"),
-    ((1, 32, 7, 37), True, False, "cpu"),
-    ((4, 64, 8, 8), True, True, "reference"),
-    ((4, 64, 4, 4), True, False, "reference"),
-    ((2, 64, 16, 16), False, False, "reference"),
-    ((2, 64, 16, 16), False, True, "cpu"),
+GN_CASES = [  # shape, silu, modulated (add), channels_last, expected backend
+    ((2, 64, 16, 16), True, False, False, "cpu"),
+    ((2, 64, 16, 16), True, True, False, "cpu"),
+    ((1, 32, 7, 37), True, False, False, "cpu"),
+    ((4, 64, 8, 8), True, True, False, "cpu"),
+    ((4, 64, 4, 4), True, False, False, "reference"),
+    ((4, 64, 4, 4), True, False, True, "cpu"),
+    ((3, 48, 5, 3), True, True, True, "cpu"),
+    ((2, 64, 16, 16), False, False, False, "reference"),
+    ((2, 64, 16, 16), False, False, True, "cpu"),
+    ((4, 64, 4, 4), False, False, True, "reference"),
+    ((2, 64, 16, 16), False, True, False, "cpu"),
 ]
 ATTN_CASES = [  # op, q (B, N, H, D), keys L, expected backend
     ("cross_attention", (2, 128, 2, 32), 13, "cpu"),
@@ -83,11 +83,13 @@ ATTN_CASES = [  # op, q (B, N, H, D), keys L, expected backend
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("shape,silu,modulated,expected", GN_CASES)
-def test_group_norm_silu_routing_and_results(shape, silu, modulated, expected):
+@pytest.mark.parametrize("shape,silu,modulated,channels_last,expected", GN_CASES)
+def test_group_norm_silu_routing_and_results(shape, silu, modulated, channels_last, expected):
     torch.manual_seed(0)
     B, C = shape[:2]
     x, w, b = torch.randn(shape), torch.randn(C), torch.randn(C)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     add = torch.randn(B, C) if modulated else None
     assert dispatch.resolve("group_norm_silu", CPU, (x, 16, silu, add, None, None)) == expected
     want = reference.group_norm_silu(x.double(), w.double(), b.double(), 16, add=None if add is None else add.double(),
@@ -98,6 +100,7 @@ def test_group_norm_silu_routing_and_results(shape, silu, modulated, expected):
             outputs[backend] = ops.group_norm_silu(x, w, b, 16, add=add, silu=silu)
     for name, y in outputs.items():
         torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format), name
 
 
 @needs_cpu_kernels
@@ -135,6 +138,12 @@ def test_calls_that_will_run_backward_take_the_path_measured_for_backward():
     assert dispatch.resolve("attention", CPU, (q, q, None)) == "reference"
     with torch.no_grad():
         assert dispatch.resolve("group_norm_silu", CPU, (x, 16, True, None, None, None)) == "cpu"
+    x_cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert dispatch.resolve("group_norm_silu", CPU, (x_cl, 16, True, None, None, None)) == "cpu"
+    x_cl8 = torch.randn(2, 512, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert dispatch.resolve("group_norm_silu", CPU, (x_cl8, 16, True, None, None, None)) == "reference"
+    x_cl8_few = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert dispatch.resolve("group_norm_silu", CPU, (x_cl8_few, 16, True, None, None, None)) == "cpu"
 
 
 @needs_cpu_kernels

@@ -13,8 +13,9 @@ Clock: 1 thread: median thread CPU time (stable on a shared machine); 2 threads:
 time, which ticks in ~8 ms steps on this VM, so rows under 100 ms are marked ``clock_limited``.
 The rows replace those with the same key in ``--update`` (or are printed), each with the path
 ``cpu_policy.prefers_kernel`` takes for it, so tests/ops/test_cpu_policy.py checks the policy against them.
-Run with GLIBC_TUNABLES=glibc.malloc.mmap_max=0 (the script re-executes itself so) so fresh outputs do
-not page-fault: the rows compare compute, not the allocator.
+Outputs are allocated as users' calls allocate them (glibc's default malloc: a fresh large buffer may
+page-fault, and eager GroupNorm + SiLU allocates two where the kernel allocates one);
+``--no-page-faults`` re-executes under GLIBC_TUNABLES=glibc.malloc.mmap_max=0 to compare compute only.
 """
 from __future__ import annotations
 
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="timed calls of each path per row (default 0: as many as fit in ~0.6 s, 5 to 41)")
     p.add_argument("--update", type=Path, default=None,
                    help="merge the rows into this measurement JSON (replacing rows with the same key)")
+    p.add_argument("--no-page-faults", action="store_true",
+                   help="re-execute with GLIBC_TUNABLES=glibc.malloc.mmap_max=0: fresh outputs come from the heap "
+                        "without page faults, so the rows compare compute only")
     p.add_argument("--refresh-policy", action="store_true",
                    help="measure nothing: rewrite the policy column of --update's rows for the current policy")
     args = p.parse_args(argv)
@@ -212,7 +216,8 @@ def measure(args) -> list[dict]:
 def _row(op, net, shape, dtype, threads, backward, ms, kernel, **extra) -> dict:
     row = {"op": op, "net": net, "shape": shape, **extra, "dtype": dtype, "threads": threads, "backward": backward,
            "cpu_ms": round(ms["cpu"], 4), "reference_ms": round(ms["reference"], 4),
-           "policy": "cpu" if kernel else "reference"}
+           "policy": "cpu" if kernel else "reference",
+           "allocator": "no page faults" if ALLOCATOR in os.environ.get("GLIBC_TUNABLES", "") else "default"}
     if threads > 1 and min(ms.values()) < 100:
         row["clock_limited"] = True
     if op == "group_norm_silu":
@@ -253,7 +258,7 @@ def main(argv=None) -> int:
             return 2
         merge(args.update, [])
         return 0
-    if ALLOCATOR not in os.environ.get("GLIBC_TUNABLES", ""):
+    if args.no_page_faults and ALLOCATOR not in os.environ.get("GLIBC_TUNABLES", ""):
         env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), ALLOCATOR])))
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     rows = measure(args)

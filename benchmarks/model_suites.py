@@ -68,6 +68,23 @@ def unet_inputs(unet: UNet, batch: int, size: int, tokens: int, seed: int = 0) -
             "lengths": lengths}
 
 
+def step_flops(unet: UNet, sample, t, kv) -> float:
+    """FLOPs of one step (convolutions, GEMMs and attention's two products, every key counted), counted on
+    the reference backend (plain ATen ops) with torch's FlopCounterMode."""
+    from torch.utils import flop_counter
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # torch counts the CUDA SDPA kernels, not the CPU one
+    if cpu_sdpa not in flop_counter.flop_registry and cpu_sdpa.default not in flop_counter.flop_registry:
+        @flop_counter.register_flop_formula(cpu_sdpa)
+        def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    with ops.use_backend("reference"), flop_counter.FlopCounterMode(display=False) as counter:
+        unet(sample, t, text_kv=kv)
+    return float(counter.get_total_flops())
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
@@ -166,7 +183,9 @@ def bench_unet_case(bench, args, name: str, case: dict):
         reference = outputs.get(BASELINE_UNET, outputs["ours reference backend"])
         for label, out in outputs.items():
             notes[label] = "; ".join(n for n in (notes.get(label, ""), f"rel err {rel_err(out, reference):.1e}") if n)
-        bench.compare(op, shape, dtype, impls, baseline=BASELINE_UNET, notes=notes)
+        flops = step_flops(unet, sample, t, kv)
+        print(f"  one step: {flops / 1e9:.2f} GFLOP (the 'of limit' column: that over the sgemm peak)")
+        bench.compare(op, shape, dtype, impls, baseline=BASELINE_UNET, notes=notes, flops=flops)
 
 
 def _with_backend(backend: str, fn):

@@ -8,12 +8,26 @@ CUDA and nvcc is found. Build against the installed torch:
 Environment: DALLE3_FAST_NO_NATIVE=1 skips the extension (pure Python + Triton);
 DALLE3_FAST_FORCE_CUDA=1 / DALLE3_FAST_NO_CUDA=1 force CUDA on / off;
 TORCH_CUDA_ARCH_LIST (default "8.0;9.0a") and MAX_JOBS are honoured.
+
+Before compiling, the sources generated from dalle3_fast/op_limits.py (csrc/op_limits.h and the
+CUDA attention instantiations) are brought up to date; see csrc/README.md.
 """
 import glob
 import os
+import runpy
 import sys
 
 from setuptools import setup
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GENERATORS = ("csrc/generate_op_limits.py", "csrc/cuda/instantiations/generate.py")
+
+
+def generate_sources():
+    """Write the sources derived from dalle3_fast/op_limits.py; each file only when its text changes."""
+    for script in GENERATORS:
+        runpy.run_path(os.path.join(HERE, script), run_name="__main__")
 
 
 def native_extensions():
@@ -28,6 +42,7 @@ def native_extensions():
               "extension (install torch first and use --no-build-isolation)", file=sys.stderr)
         return [], {}
 
+    generate_sources()
     openmp = ["-fopenmp"] if sys.platform != "darwin" else []
     # -fno-trapping-math: without it GCC keeps the clamps of exp_f32 (csrc/cpu/simd.h) as branches
     # and leaves every loop over exp/sigmoid scalar in the AVX2 and SSE2 clones (tests/test_cpu_vectorised.py).

@@ -258,7 +258,7 @@ def sanitize_gn_channels_last(ops, device, torch):
 
 def sanitize_attention_tc(ops, device, torch):
     """The tensor-core kernels (fp16/bf16), every head dim, lengths that are not multiples of a tile."""
-    for D in (32, 40, 64, 80, 96, 128, 160):
+    for D in ops.SUPPORTED_HEAD_DIMS:
         _attn_run(ops, device, torch.bfloat16, 1, 37, 37, 2, D, None)
     _attn_run(ops, device, torch.float16, 2, 129, 129, 1, 64, None)
     _attn_run(ops, device, torch.bfloat16, 1, 200, 200, 1, 128, None)

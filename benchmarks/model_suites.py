@@ -29,17 +29,15 @@ import torch
 import dalle3_fast.ops as ops
 from dalle3_fast.assets import TINY_PIPELINE
 from dalle3_fast.models.unet import UNet
-from dalle3_fast.models.unet_config import named_config
+from dalle3_fast.models.unet_config import UNetConfig, unet_config
 
 BASELINE_UNET = "diffusers eager"
 BASELINE_PIPELINE = "reference backend"
 
 
-def sd15_fifth_config() -> dict:
+def sd15_fifth_config() -> UNetConfig:
     """SD1.5's U-Net (the "sd15" preset) at 1/5 of its widths; heads chosen for the head width 32 our ops take."""
-    c = named_config("sd15")
-    c.update(block_out_channels=[64, 128, 256, 256], attention_head_dim=[2, 4, 8, 8])
-    return c
+    return unet_config("sd15", block_out_channels=[64, 128, 256, 256], attention_head_dim=[2, 4, 8, 8])
 
 
 def unet_cases() -> dict[str, dict]:

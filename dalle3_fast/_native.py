@@ -2,13 +2,16 @@
 
 Import never fails because the extension is missing: the ops fall back to Triton and
 the PyTorch reference. ``dalle3_fast.ops.dispatch`` reports the live backends once,
-when it first works them out. This module imports nothing of the package.
+when it first works them out. Of the package this module imports only ``op_limits`` (which
+imports nothing).
 """
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+
+from dalle3_fast import op_limits
 
 log = logging.getLogger("dalle3_fast")
 
@@ -27,17 +30,16 @@ else:
         _C = None
         _load_error = f"the native extension is not built ({exc}); reinstall with `make install`"
 
-# The limits the kernels are compiled for: csrc/op_limits.h, exported by _C. A build without
-# the extension has no header to read, so these literals stand in for it
-# (tests/test_ops_limits.py keeps them equal to the header).
-_LIMITS_WITHOUT_EXTENSION = {"SUPPORTED_HEAD_DIMS": (32, 40, 64, 80, 96, 128, 160), "MAX_KEY_TOKENS": 512}
-
 
 def limit(name: str):
-    """``SUPPORTED_HEAD_DIMS`` (tuple of int) or ``MAX_KEY_TOKENS`` (int), as compiled into the kernels."""
+    """``SUPPORTED_HEAD_DIMS`` (tuple of int) or ``MAX_KEY_TOKENS`` (int), as compiled into the kernels.
+
+    The values are written in ``dalle3_fast/op_limits.py``; a built extension exports those it was
+    compiled with (csrc/op_limits.h is generated from that file), a build without one reads the file.
+    """
     if _C is not None:
         return getattr(_C, name)
-    return _LIMITS_WITHOUT_EXTENSION[name]
+    return getattr(op_limits, name)
 
 
 def has_cpu_kernels() -> bool:

@@ -173,10 +173,15 @@ class Dalle3Pipeline:
     def downsample_factor(self) -> int:
         return self.vae.config.downsample_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides are multiples of this: the VAE's downsampling times the U-Net's."""
+        return self.downsample_factor * self.unet.config.downsample_factor
+
     # ------------------------------------------------------------------ checks
     def check_size(self, size) -> tuple[int, int]:
         w, h = parse_size(size)
-        multiple = self.downsample_factor * 2 ** (len(self.unet.config["block_out_channels"]) - 1)
+        multiple = self.size_multiple
         if w % multiple or h % multiple:
             raise PipelineError(f"size {w}x{h} is not a multiple of {multiple} in both sides (VAE x{self.downsample_factor}"
                                 f" and the U-Net's downsampling); try {self.sizes[0]}")
@@ -244,7 +249,7 @@ class Dalle3Pipeline:
         sample = get_sampler(sampler or self.defaults["sampler"])
         negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
         f = self.downsample_factor
-        shape = (self.unet.config["in_channels"], height // f, width // f)
+        shape = (self.unet.in_channels, height // f, width // f)
         sigmas = sampling_sigmas(self.schedule, self.check_steps(steps))
         x = torch.cat([initial_noise((1, *shape), float(sigmas[0]), generator=torch.Generator().manual_seed(int(s)),
                                      device=self.device, dtype=self.dtype) for s in seeds])

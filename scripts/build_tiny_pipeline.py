@@ -265,13 +265,13 @@ def stage_unet(args, work: Path) -> Path:
     import torch
 
     from dalle3_fast.models.unet import UNet
-    from dalle3_fast.models.unet_config import named_config
+    from dalle3_fast.models.unet_config import unet_config
 
     data = unet_data(args, work)
     init = work / "unet_init"
     if not (init / "config.json").is_file():
         torch.manual_seed(args.seed)
-        UNet({**named_config("tiny"), **UNET_OVERRIDES}).save_pretrained(init)
+        UNet(unet_config("tiny", **UNET_OVERRIDES)).save_pretrained(init)
     overrides = {"steps": _steps(args.unet_steps, args.scale), "ema_decay": 0.995, "log_every": 25,
                  "task_options.model": str(init), "task_options.vae": str(work / "vae" / "final"),
                  "task_options.text_encoder": "tiny", "task_options.buckets": [[64, 64]],

@@ -59,7 +59,7 @@ def _size(text: str, flag: str) -> tuple[int, int]:
 def resolve_sizes(args, pipe) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
     """(min, opt, max) image sizes, each a multiple of the pipeline's size multiple, min <= opt <= max."""
     sizes = [pipe.check_size(s) for s in pipe.sizes]
-    multiple = pipe.downsample_factor * 2 ** (len(pipe.unet.config["block_out_channels"]) - 1)
+    multiple = pipe.size_multiple
 
     def snap(v):
         return max(multiple, v // multiple * multiple)

@@ -1,6 +1,6 @@
 """The text-conditioned latent U-Net: diffusers' UNet2DConditionModel layout on the fused ops.
 
-    unet = UNet.from_config("tiny")                    # or a dict of diffusers config fields
+    unet = UNet.from_config("tiny")                    # or a UNetConfig, or a dict of diffusers config fields
     unet = UNet.from_pretrained("path/to/unet")        # a diffusers unet directory
     eps = unet(latents, t, t5_tokens, encoder_lengths=lengths)
 
@@ -10,10 +10,11 @@
 
 Parameter names equal diffusers', so a diffusers ``unet`` directory loads as is and
 ``save_pretrained`` writes one diffusers reads. The supported config subset is documented
-in ``dalle3_fast.models.unet_config``.
+in ``dalle3_fast.models.unet_config`` (``UNetConfig``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from dalle3_fast import io, ops
-from dalle3_fast.models import unet_config
+from dalle3_fast.models.unet_config import DIFFUSERS_CLASS, UNetConfig, unet_config
 from dalle3_fast.models.weights import weights_file_name
 from dalle3_fast.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
                                             UpBlock2D)
@@ -60,63 +61,71 @@ def _contiguous_state(module, state_dict, prefix, local_metadata) -> None:
 class UNet(nn.Module):
     """SD-style U-Net predicting noise (or v) for latents, conditioned on timesteps and text tokens."""
 
-    def __init__(self, config: dict | str | None = None):
+    def __init__(self, config: UNetConfig | dict | str | None = None, **overrides):
         super().__init__()
-        if isinstance(config, str):
-            config = unet_config.named_config(config)
-        c = unet_config.resolve(config or {})
-        self._config = c
-        ch = c["block_out_channels"]
+        if config is None:
+            config = UNetConfig.from_dict(overrides)
+        elif isinstance(config, str):
+            config = unet_config(config, **overrides)
+        elif isinstance(config, dict):
+            config = UNetConfig.from_dict({**config, **overrides})
+        elif not isinstance(config, UNetConfig):
+            raise ValueError(f"U-Net config must be a UNetConfig, a dict or a name, got {type(config).__name__}")
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        self.config = c = config
+        ch = c.block_out_channels
         n = len(ch)
-        groups, eps, dropout = c["norm_num_groups"], c["norm_eps"], c["dropout"]
-        shift = c["resnet_time_scale_shift"]
-        temb = c["time_embed_dim"]
-        attn = dict(cross_attention_dim=c["cross_dims"][0], use_linear_projection=c["use_linear_projection"])
+        groups, eps, dropout = c.norm_num_groups, c.norm_eps, c.dropout
+        shift = c.resnet_time_scale_shift
+        temb = c.time_embed_dim
+        heads, layers, depths = c.heads, c.layers, c.depths
+        attn = dict(cross_attention_dim=c.cross_dims[0], use_linear_projection=c.use_linear_projection)
 
-        self.conv_in = nn.Conv2d(c["in_channels"], ch[0], c["conv_in_kernel"], padding=c["conv_in_kernel"] // 2)
-        self.time_proj = Timesteps(ch[0], c["flip_sin_to_cos"], c["freq_shift"])
-        self.time_embedding = TimestepEmbedding(ch[0], temb, cond_proj_dim=c["time_cond_proj_dim"])
-        self.encoder_hid_proj = (nn.Linear(c["encoder_hid_dim"], c["cross_dims"][0])
-                                 if c["encoder_hid_dim"] is not None else None)
-        if c["addition_embed_type"] == "text_time":
-            self.add_time_proj = Timesteps(c["addition_time_embed_dim"], c["flip_sin_to_cos"], c["freq_shift"])
-            self.add_embedding = TimestepEmbedding(c["projection_class_embeddings_input_dim"], temb)
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+        self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(ch[0], temb, cond_proj_dim=c.time_cond_proj_dim)
+        self.encoder_hid_proj = (nn.Linear(c.encoder_hid_dim, c.cross_dims[0])
+                                 if c.encoder_hid_dim is not None else None)
+        if c.addition_embed_type == "text_time":
+            self.add_time_proj = Timesteps(c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, temb)
 
         self.down_blocks = nn.ModuleList()
-        for i, kind in enumerate(c["down_block_types"]):
-            common = dict(num_layers=c["layers"][i], eps=eps, groups=groups, dropout=dropout, time_scale_shift=shift,
-                          add_downsample=i < n - 1, downsample_padding=c["downsample_padding"])
+        for i, kind in enumerate(c.down_block_types):
+            common = dict(num_layers=layers[i], eps=eps, groups=groups, dropout=dropout, time_scale_shift=shift,
+                          add_downsample=i < n - 1, downsample_padding=c.downsample_padding)
             in_ch = ch[max(i - 1, 0)]
             if kind == "CrossAttnDownBlock2D":
-                block = CrossAttnDownBlock2D(in_ch, ch[i], temb, num_attention_heads=c["heads"][i],
-                                             transformer_layers=c["depths"][i], **attn, **common)
+                block = CrossAttnDownBlock2D(in_ch, ch[i], temb, num_attention_heads=heads[i],
+                                             transformer_layers=depths[i], **attn, **common)
             else:
                 block = DownBlock2D(in_ch, ch[i], temb, **common)
             self.down_blocks.append(block)
 
         self.mid_block = None
-        if c["mid_block_type"] is not None:
+        if c.mid_block_type is not None:
             self.mid_block = UNetMidBlock2DCrossAttn(
-                ch[-1], temb, eps=eps, groups=groups, num_attention_heads=c["heads"][-1],
-                transformer_layers=c["depths"][-1], dropout=dropout, time_scale_shift=shift,
-                output_scale_factor=c["mid_block_scale_factor"], **attn)
+                ch[-1], temb, eps=eps, groups=groups, num_attention_heads=heads[-1],
+                transformer_layers=depths[-1], dropout=dropout, time_scale_shift=shift,
+                output_scale_factor=c.mid_block_scale_factor, **attn)
 
         self.up_blocks = nn.ModuleList()
         rch = list(reversed(ch))
-        for i, kind in enumerate(c["up_block_types"]):
+        for i, kind in enumerate(c.up_block_types):
             level = n - 1 - i
-            common = dict(num_layers=c["layers"][level] + 1, eps=eps, groups=groups, dropout=dropout,
+            common = dict(num_layers=layers[level] + 1, eps=eps, groups=groups, dropout=dropout,
                           time_scale_shift=shift, add_upsample=i < n - 1)
             in_ch, prev_ch = rch[min(i + 1, n - 1)], rch[max(i - 1, 0)]
             if kind == "CrossAttnUpBlock2D":
-                block = CrossAttnUpBlock2D(in_ch, prev_ch, rch[i], temb, num_attention_heads=c["heads"][level],
-                                           transformer_layers=c["depths"][level], **attn, **common)
+                block = CrossAttnUpBlock2D(in_ch, prev_ch, rch[i], temb, num_attention_heads=heads[level],
+                                           transformer_layers=depths[level], **attn, **common)
             else:
                 block = UpBlock2D(in_ch, prev_ch, rch[i], temb, **common)
             self.up_blocks.append(block)
 
         self.conv_norm_out = nn.GroupNorm(groups, ch[0], eps=eps)
-        self.conv_out = nn.Conv2d(ch[0], c["out_channels"], c["conv_out_kernel"], padding=c["conv_out_kernel"] // 2)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
 
         cross = [m for m in self.modules() if isinstance(m, Attention) and m.is_cross_attention]
         for slot, module in enumerate(cross):
@@ -126,20 +135,14 @@ class UNet(nn.Module):
         self.use_channels_last()
 
     # ----------------------------------------------------------------- config and files
-    @property
-    def config(self) -> dict:
-        """The diffusers config fields of this model (what config.json holds)."""
-        return unet_config.diffusers_fields(self._config)
-
     @classmethod
-    def from_config(cls, config: dict | str) -> "UNet":
-        """Build from diffusers config fields (a dict) or a registered name ("tiny", "sd15", "dalle3-t5")."""
+    def from_config(cls, config: UNetConfig | dict | str) -> "UNet":
+        """Build from a UNetConfig, diffusers config fields (a dict) or a registered name ("tiny", "sd15", ...)."""
         return cls(config)
 
     def save_pretrained(self, directory, *, variant: str | None = None) -> None:
         """Write ``directory/config.json`` and ``diffusion_pytorch_model[.variant].safetensors`` (diffusers format)."""
-        config = {"_class_name": unet_config.DIFFUSERS_CLASS, **self.config}
-        io.save_pretrained(self, config, directory, weights_name=weights_file_name(variant, WEIGHTS_NAME))
+        io.save_pretrained(self, self.config.to_dict(), directory, weights_name=weights_file_name(variant, WEIGHTS_NAME))
 
     @classmethod
     def from_pretrained(cls, directory, *, variant: str | None = None, dtype: torch.dtype | None = None,
@@ -152,11 +155,11 @@ class UNet(nn.Module):
         """
         directory = Path(directory)
         config = io.read_config(directory)
-        name = config.get("_class_name", unet_config.DIFFUSERS_CLASS)
-        if name != unet_config.DIFFUSERS_CLASS:
-            raise io.CheckpointError(f"{str(directory)!r} holds a {name}, not a {unet_config.DIFFUSERS_CLASS}")
+        name = config.get("_class_name", DIFFUSERS_CLASS)
+        if name != DIFFUSERS_CLASS:
+            raise io.CheckpointError(f"{str(directory)!r} holds a {name}, not a {DIFFUSERS_CLASS}")
         try:
-            model = cls(config)
+            model = cls(UNetConfig.from_dict(config))
         except (ValueError, TypeError, KeyError) as exc:
             raise io.CheckpointError(f"{str(directory / io.CONFIG)!r} does not describe a loadable U-Net: "
                                      f"{exc}") from exc
@@ -196,21 +199,21 @@ class UNet(nn.Module):
     # ----------------------------------------------------------------- conditioning
     @property
     def in_channels(self) -> int:
-        return self._config["in_channels"]
+        return self.config.in_channels
 
     @property
     def out_channels(self) -> int:
-        return self._config["out_channels"]
+        return self.config.out_channels
 
     @property
     def text_dim(self) -> int:
         """Width of the text tokens forward takes (encoder_hid_dim, else cross_attention_dim)."""
-        return self._config["text_dim"]
+        return self.config.text_dim
 
     @property
     def size_conditioned(self) -> bool:
         """True when forward needs added_cond_kwargs {"text_embeds", "time_ids"} (addition_embed_type "text_time")."""
-        return self._config["addition_embed_type"] == "text_time"
+        return self.config.addition_embed_type == "text_time"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -221,7 +224,7 @@ class UNet(nn.Module):
         return self.conv_in.weight.device
 
     def _text_context(self, encoder_hidden_states, encoder_lengths, encoder_attention_mask) -> TextContext:
-        width = self._config["text_dim"]
+        width = self.config.text_dim
         if isinstance(encoder_hidden_states, torch.Tensor) and encoder_hidden_states.dim() == 3 \
                 and encoder_hidden_states.shape[-1] != width:
             raise ValueError(f"`encoder_hidden_states` tokens are {encoder_hidden_states.shape[-1]} wide but this "
@@ -254,7 +257,7 @@ class UNet(nn.Module):
         return self.time_proj(timestep.expand(B)).to(sample.dtype)
 
     def _added_embedding(self, emb: torch.Tensor, added_cond_kwargs: dict | None) -> torch.Tensor:
-        if self._config["addition_embed_type"] != "text_time":
+        if not self.size_conditioned:
             return emb
         if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
             raise ValueError("this U-Net has size micro-conditioning (addition_embed_type 'text_time'): pass "
@@ -266,10 +269,10 @@ class UNet(nn.Module):
                              f"{tuple(time_ids.shape)} must both have batch {B}")
         time_embeds = self.add_time_proj(time_ids.flatten()).reshape(B, -1)
         add = torch.cat([text_embeds, time_embeds.to(text_embeds.dtype)], dim=-1)
-        want = self._config["projection_class_embeddings_input_dim"]
+        want = self.config.projection_class_embeddings_input_dim
         if add.shape[-1] != want:
             raise ValueError(f"added_cond_kwargs: text_embeds width {text_embeds.shape[-1]} + {time_ids.shape[-1]} "
-                             f"time ids x {self._config['addition_time_embed_dim']} = {add.shape[-1]}, but the config "
+                             f"time ids x {self.config.addition_time_embed_dim} = {add.shape[-1]}, but the config "
                              f"says projection_class_embeddings_input_dim = {want}")
         return emb + self.add_embedding(add.to(emb.dtype))
 
@@ -285,10 +288,10 @@ class UNet(nn.Module):
         every token counts), or ``text_kv`` from ``precompute_text_kv``. ``timestep_cond``
         (B, time_cond_proj_dim) and ``added_cond_kwargs`` as in diffusers.
         """
-        c = self._config
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.shape[1] != c["in_channels"]:
+        c = self.config
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.shape[1] != c.in_channels:
             shape = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
-            raise ValueError(f"`sample` must be (B, {c['in_channels']}, H, W), got {shape}")
+            raise ValueError(f"`sample` must be (B, {c.in_channels}, H, W), got {shape}")
         if text_kv is not None:
             if encoder_hidden_states is not None or encoder_lengths is not None or encoder_attention_mask is not None:
                 raise ValueError("pass either `text_kv` or `encoder_hidden_states` (with its lengths/mask), not both")
@@ -305,7 +308,7 @@ class UNet(nn.Module):
         if context is not None and context.batch_size != sample.shape[0]:
             raise ValueError(f"the text has batch {context.batch_size} but `sample` has batch {sample.shape[0]}")
 
-        if c["center_input_sample"]:
+        if c.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.time_embedding(self._timestep_features(timestep, sample), timestep_cond)
         emb = self._added_embedding(emb, added_cond_kwargs)

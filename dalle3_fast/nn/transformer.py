@@ -133,6 +133,4 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             tokens = checkpointed(block, self.gradient_checkpointing, tokens, context)
         out = self._token_linear(self.proj_out, tokens).reshape(B, H, W, C).permute(0, 3, 1, 2)
-        if not residual.is_contiguous(memory_format=torch.channels_last) or residual.is_contiguous():
-            out = out.contiguous()
-        return out + residual
+        return out.contiguous(memory_format=ops.memory_format(residual)) + residual

@@ -16,12 +16,12 @@ import torch
 from dalle3_fast.ops import checks, library, reference
 from dalle3_fast.ops.checks import MAX_KEY_TOKENS, SUPPORTED_HEAD_DIMS
 from dalle3_fast.ops.dispatch import BACKENDS, available_backends, forced_backend, resolve, use_backend
-from dalle3_fast.ops.layout import dense
+from dalle3_fast.ops.layout import dense, memory_format
 
 __all__ = [
     "group_norm_silu", "attention", "cross_attention",
     "use_backend", "available_backends", "forced_backend", "BACKENDS", "reference",
-    "SUPPORTED_HEAD_DIMS", "MAX_KEY_TOKENS",
+    "SUPPORTED_HEAD_DIMS", "MAX_KEY_TOKENS", "memory_format",
 ]
 
 

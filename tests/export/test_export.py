@@ -28,7 +28,6 @@ def pipeline_dir(tmp_path_factory):
     from dalle3_fast.models.text_encoder import T5TextEncoder
     from dalle3_fast.models.tokenizer import SentencePieceTokenizer
     from dalle3_fast.models.unet import UNet
-    from dalle3_fast.models.unet_config import named_config
     from dalle3_fast.models.vae import AutoencoderKL
     from dalle3_fast.pipeline import Dalle3Pipeline
 
@@ -40,8 +39,8 @@ def pipeline_dir(tmp_path_factory):
     vae = AutoencoderKL("tiny", block_out_channels=(16, 32), norm_num_groups=8)
     decoder = LatentDecoder("tiny", encoder_block_out_channels=(16, 32), decoder_block_out_channels=(16, 16),
                             decoder_norm_num_groups=8)
-    unet = UNet({**named_config("tiny"), "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-                 "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]})  # attention on the inner level only
+    unet = UNet("tiny", down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])  # attention on the inner level only
     pipe = Dalle3Pipeline(T5TextEncoder.tiny(tokenizer, d_model=64, num_layers=1, num_heads=2, seed=0),
                           unet, vae, decoder=decoder, defaults={"size": "16x16", "steps": 2},
                           sizes=["16x16", "24x16"])

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dalle3_fast import io, ops
-from dalle3_fast.models import unet_config
+from dalle3_fast.models.unet_config import NAMED_CONFIGS, UNetConfig, unet_config
 from dalle3_fast.models.unet import UNet, pooled_text_embeds, size_time_ids
 
 diffusers = pytest.importorskip("diffusers")
@@ -63,19 +63,19 @@ def randomize(model, std=0.05):
 
 def make_inputs(config, hw, batch=2, tokens=7, masked=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    c = unet_config.resolve(config)
-    x = torch.randn(batch, c["in_channels"], *hw, generator=g)
-    text = torch.randn(batch, tokens, c["text_dim"], generator=g)
+    c = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+    x = torch.randn(batch, c.in_channels, *hw, generator=g)
+    text = torch.randn(batch, tokens, c.text_dim, generator=g)
     t = torch.tensor([3.0, 731.0])[:batch]
     kwargs = {}
     if masked:
         lengths = torch.tensor([tokens, 3])[:batch]
         kwargs["encoder_attention_mask"] = torch.arange(tokens)[None, :] < lengths[:, None]
-    if c["addition_embed_type"] == "text_time":
-        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, c["text_dim"], generator=g),
+    if c.addition_embed_type == "text_time":
+        kwargs["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, c.text_dim, generator=g),
                                        "time_ids": size_time_ids(batch, (128, 192), (0, 8), hw)}
-    if c["time_cond_proj_dim"]:
-        kwargs["timestep_cond"] = torch.randn(batch, c["time_cond_proj_dim"], generator=g)
+    if c.time_cond_proj_dim:
+        kwargs["timestep_cond"] = torch.randn(batch, c.time_cond_proj_dim, generator=g)
     return x, t, text, kwargs
 
 
@@ -221,15 +221,37 @@ def test_backward_and_gradient_checkpointing_agree():
     assert plain["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", list(unet_config.NAMED_CONFIGS))
+@pytest.mark.parametrize("name", list(NAMED_CONFIGS))
 def test_named_configs_have_diffusers_parameter_layout(name):
-    config = unet_config.named_config(name)
+    config = unet_config(name).to_dict()
     with torch.device("meta"):
         ours = UNet.from_config(name)
         ref = UNet2DConditionModel(**config)
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert ours_shapes == ref_shapes
+
+
+def test_config_fields_are_diffusers_init_arguments_with_its_defaults():
+    import inspect
+
+    params = inspect.signature(UNet2DConditionModel.__init__).parameters
+    theirs = {name: list(p.default) if isinstance(p.default, tuple) else p.default
+              for name, p in params.items() if name != "self"}
+    ours = UNetConfig().to_dict()
+    assert ours.pop("_class_name") == "UNet2DConditionModel"
+    assert ours == theirs
+
+
+def test_config_instances_and_overrides_build_the_same_model():
+    with torch.device("meta"):
+        by_name = UNet("tiny", norm_num_groups=16)
+        by_config = UNet(unet_config("tiny"), norm_num_groups=16)
+        by_dict = UNet({**NAMED_CONFIGS["tiny"], "norm_num_groups": 16})
+    assert by_name.config == by_config.config == by_dict.config
+    assert by_name.config.norm_num_groups == 16 and by_name.conv_norm_out.num_groups == 16
+    with pytest.raises(ValueError, match="not_a_diffusers_field"):
+        UNet("tiny", not_a_diffusers_field=1)
 
 
 def test_public_properties(tiny_unet):
@@ -264,8 +286,7 @@ def test_text_time_helpers():
     ("not_a_diffusers_field", 1),
 ])
 def test_config_outside_the_subset_is_refused_naming_the_field(field, value):
-    config = unet_config.named_config("tiny")
-    config[field] = value
+    config = {**NAMED_CONFIGS["tiny"], field: value}
     with pytest.raises(ValueError, match=field):
         UNet.from_config(config)
 
@@ -306,7 +327,7 @@ def test_bfloat16_forward_stays_close_to_float32(tiny_unet):
 
 
 def test_loads_sharded_diffusers_checkpoints(tmp_path):
-    config = unet_config.named_config("tiny")
+    config = unet_config("tiny").to_dict()
     torch.manual_seed(0)
     ref = randomize(UNet2DConditionModel(**config))
     ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="1MB")

@@ -50,7 +50,7 @@ def _attention_reference(q, k, v, lengths, scale, grad_out):
 
 
 @needs_triton
-@pytest.mark.parametrize("head_dim", [32, 40, 64, 80, 96, 128, 160])
+@pytest.mark.parametrize("head_dim", ops.SUPPORTED_HEAD_DIMS)
 def test_attention_every_head_dim_fwd_bwd_fp32(head_dim):
     kernels = _kernels()
     q, k, v = (_randn(1, 19, 1, head_dim) for _ in range(3))  # 19: not a multiple of any block

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import triton
 import triton.language as tl
 
+from dalle3_fast.op_limits import SUPPORTED_HEAD_DIMS
+
 
 @dataclass
 class Case:
@@ -137,7 +139,7 @@ def hot_cases():
 
 def all_cases():
     cases = []
-    for head_dim in (40, 64, 80, 96, 128, 160):
+    for head_dim in SUPPORTED_HEAD_DIMS:
         cases += _attention_cases("bf16", head_dim, every_config=True)
     for cg, s in ((10, 4096), (40, 64), (4, 262144)):
         cases += _group_norm_cases("bf16", cg, s)

@@ -27,6 +27,7 @@ from dalle3_fast.models.weights import weights_file_name
 from dalle3_fast.models.unet_blocks import (CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn,
                                             UpBlock2D)
 from dalle3_fast.nn.attention import Attention, TextContext
+from dalle3_fast.nn.channels_last import activation_layout, contiguous_state, use_channels_last
 from dalle3_fast.nn.embeddings import TimestepEmbedding, Timesteps
 
 WEIGHTS_NAME = io.DIFFUSERS_WEIGHTS
@@ -50,12 +51,6 @@ def size_time_ids(batch: int, original_size: tuple[int, int], crops_coords_top_l
     if len(ids) != 6:
         raise ValueError("size_time_ids: give (h, w) sizes and a (top, left) crop corner")
     return torch.tensor(ids, dtype=dtype, device=device).repeat(batch, 1)
-
-
-def _contiguous_state(module, state_dict, prefix, local_metadata) -> None:
-    for name, value in state_dict.items():
-        if isinstance(value, torch.Tensor) and not value.is_contiguous():
-            state_dict[name] = value.contiguous()
 
 
 class UNet(nn.Module):
@@ -131,7 +126,7 @@ class UNet(nn.Module):
         for slot, module in enumerate(cross):
             module.kv_slot = slot
         self._cross_attention_layers = cross  # a plain list: the modules are registered above
-        self.register_state_dict_post_hook(_contiguous_state)
+        self.register_state_dict_post_hook(contiguous_state)
         self.use_channels_last()
 
     # ----------------------------------------------------------------- config and files
@@ -313,7 +308,7 @@ class UNet(nn.Module):
         emb = self.time_embedding(self._timestep_features(timestep, sample), timestep_cond)
         emb = self._added_embedding(emb, added_cond_kwargs)
 
-        h = self.conv_in(self._activation_layout(sample))
+        h = self.conv_in(activation_layout(self.conv_in, sample))
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, emb, context)
@@ -329,25 +324,12 @@ class UNet(nn.Module):
                                 self.conv_norm_out.eps)
         return self.conv_out(h).contiguous()
 
-    def _activation_layout(self, sample: torch.Tensor) -> torch.Tensor:
-        """Feature maps run channels_last (see ``use_channels_last``); every layer keeps the format it is given."""
-        if self.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and sample.shape[1] > 1:
-            return sample.contiguous(memory_format=torch.channels_last)
-        return sample
-
     def use_channels_last(self, enabled: bool = True) -> "UNet":
-        """Store the convolution weights channels_last (the default), so the feature maps run channels_last too.
+        """Run the feature maps channels_last (the default; see ``dalle3_fast.nn.channels_last``).
 
         On CPU, oneDNN's convolutions then skip the per-call reorders of their input, output and weight
-        (20-30 % faster at U-Net shapes), and the transformers' (B, C, H, W) <-> (B, H*W, C) token views
-        cost no copy. ``state_dict()`` still hands out contiguous tensors (copies of the channels_last weights),
-        so safetensors and other writers that refuse strided tensors take it as before.
-        """
-        fmt = torch.channels_last if enabled else torch.contiguous_format
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.data = module.weight.data.contiguous(memory_format=fmt)
-        return self
+        (20-30 % faster at U-Net shapes) and the transformers' token views cost no copy."""
+        return use_channels_last(self, enabled)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -89,7 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated ops to measure (default: all three)")
     p.add_argument("--nets", default="tiny_b32_8x8,sd15_b2_64x64,sdxl_b2_128x128",
                    help="comma-separated U-Nets whose shapes to measure (default: all three)")
+    p.add_argument("--shape", action="append", default=None, metavar="B,C,H,W",
+                   help="only rows of this GroupNorm shape or attention (B,N,H,D) shape (repeatable)")
     p.add_argument("--no-backward", action="store_true", help="forward rows only")
+    p.add_argument("--backward-only", action="store_true", help="forward + backward rows only")
     p.add_argument("--repeats", type=int, default=0,
                    help="timed calls of each path per row (default 0: as many as fit in ~0.6 s, 5 to 41)")
     p.add_argument("--update", type=Path, default=None,
@@ -105,6 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.layout = args.layout or ["nchw", "channels_last"]
     args.ops = args.ops.split(",")
     args.nets = args.nets.split(",")
+    try:
+        args.shape = None if args.shape is None else {tuple(int(n) for n in s.split(",")) for s in args.shape}
+    except ValueError:
+        p.error("--shape takes four comma-separated integers, e.g. 2,320,64,64")
     unknown = [o for o in args.ops if o not in ("group_norm_silu", "attention", "cross_attention")]
     if unknown:
         p.error(f"--ops: unknown op {unknown[0]!r}")
@@ -172,10 +179,10 @@ def measure(args) -> list[dict]:
         torch.set_num_threads(threads)
         for dtype_name in args.dtype:
             dtype = getattr(torch, dtype_name)
-            for backward in (False,) if args.no_backward else (False, True):
+            for backward in (False,) if args.no_backward else (True,) if args.backward_only else (False, True):
                 if "group_norm_silu" in args.ops:
                     for net, shape, groups, silu, add in GN_SHAPES:
-                        if net not in args.nets:
+                        if net not in args.nets or args.shape is not None and shape not in args.shape:
                             continue
                         for layout in args.layout:
                             x = torch.randn(shape, generator=g).to(dtype)
@@ -192,7 +199,7 @@ def measure(args) -> list[dict]:
                             rows.append(_row("group_norm_silu", net, list(shape), dtype_name, threads, backward, ms,
                                              kernel, groups=groups, silu=silu, add=add, layout=layout))
                 for net, op, shape, keys, unet_shape in ATTENTION_SHAPES:
-                    if net not in args.nets or op not in args.ops:
+                    if net not in args.nets or op not in args.ops or args.shape is not None and shape not in args.shape:
                         continue
                     B, N, H, D = shape
                     q = torch.randn(B, N, H, D, generator=g).to(dtype)

@@ -1,7 +1,6 @@
 """The captioner's image stems: the conv stem against a plain-PyTorch reference (float64, forward and
-backward), training and files with it, and configs without the key (the shipped captioner) staying patch ViTs."""
+backward), training and files with it, and configs written without the newer keys staying patch ViTs."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from dalle3_fast.models.captioner import CoCa, CoCaConfig
 from dalle3_fast.models.captioner.image_encoder import ConvStem
 from dalle3_fast.models.tokenizer import SentencePieceTokenizer
 
-ASSET = Path(__file__).resolve().parents[2] / "dalle3_fast" / "assets" / "captioner_dsc"
 SMALL = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=1, vision_heads=2, pooler_heads=2,
              caption_queries=8, max_text_len=24, text_width=64, text_heads=2, text_layers=1, multimodal_layers=1,
              embed_dim=32)
@@ -101,16 +99,26 @@ def test_caption_grid_gives_the_decoder_the_pooled_queries_then_every_grid_token
     assert plain.visual(x)[1].shape == (2, config.caption_queries, config.vision_width)
 
 
-def test_a_config_without_image_stem_is_the_patch_vit_it_was_written_as():
-    saved = json.loads((ASSET / "config.json").read_text())
-    assert "image_stem" not in saved  # written before the key existed
-    model = CoCa.from_pretrained(ASSET)  # strict: every stored tensor is used, none is missing
+def test_a_config_without_the_new_keys_is_the_patch_vit_it_was_written_as(tokenizer, tmp_path):
+    """Captioners saved before image_stem / conv_stem_depth / caption_grid existed (the first shipped
+    captioner) load strictly as the patch ViT with pooled captioning tokens they were."""
+    torch.manual_seed(2)
+    written = CoCa.from_tokenizer(tokenizer, CoCaConfig(**SMALL)).eval()
+    written.save_pretrained(tmp_path / "old")
+    config_file = tmp_path / "old" / "config.json"
+    saved = json.loads(config_file.read_text())
+    for key in ("image_stem", "conv_stem_depth", "caption_grid"):
+        del saved[key]
+    config_file.write_text(json.dumps(saved))
+    model = CoCa.from_pretrained(tmp_path / "old")  # strict: every stored tensor is used, none is missing
     stem = model.visual.patch_embed
-    assert model.config.image_stem == "patch"
+    assert (model.config.image_stem, model.config.conv_stem_depth, model.config.caption_grid) == ("patch", 1, False)
     assert isinstance(stem, torch.nn.Conv2d) and stem.kernel_size == stem.stride == (8, 8)
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
     tokens = F.conv2d(x, stem.weight, stem.bias, stride=8).flatten(2).transpose(1, 2)
     torch.testing.assert_close(stem(x).flatten(2).transpose(1, 2), tokens)
+    assert model.visual(x)[1].shape == (2, SMALL["caption_queries"], SMALL["vision_width"])
+    torch.testing.assert_close(model.encode_image(x), written.encode_image(x), rtol=0, atol=0)
 
 
 def test_stem_presets_and_errors():

@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-shards", type=int, default=2,
                    help="the first shards, with their true SSCs, are the SSC captioner's fine-tuning set (default 2)")
     p.add_argument("--vae-steps", type=int, default=3600, help="VAE optimizer steps (batch 16)")
-    p.add_argument("--dsc-steps", type=int, default=3600, help="DSC captioner steps (batch 32)")
+    p.add_argument("--dsc-steps", type=int, default=4000, help="DSC captioner steps (batch 32)")
     p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
     p.add_argument("--unet-steps", type=int, default=4000,
                    help="U-Net optimizer steps (batch 32; each encoded image batch serves 4 steps)")

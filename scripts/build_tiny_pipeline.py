@@ -10,10 +10,10 @@ when the command is run again, and an interrupted training stage resumes from it
 2. ``data``:       the training set, ``--shards`` world shards of ``--shard-size`` images (world seed 0,
                    each sample with its alt-text and, in its json, the world's true captions), written by
                    scripts/train_captioners.py's data stage to WORK/captioners/data/train;
-3. ``captioners``: the rest of scripts/train_captioners.py into WORK/captioners: a CoCa captioner
-                   pre-trained on the training set's alt-text, and its SSC and DSC fine-tunes on the first
-                   ``--finetune-shards`` shards (the small curated set), exported to
-                   WORK/captioners/export/{pretrained,ssc,dsc};
+3. ``captioners``: the rest of scripts/train_captioners.py into WORK/captioners: the DSC captioner (a
+                   tiny CoCa, conv stem, trained on the world's descriptive captions drawn on the fly), and
+                   its SSC fine-tune on the first ``--finetune-shards`` shards, exported to
+                   WORK/captioners/export/{dsc,ssc};
 4. ``recaption``:  ``python -m dalle3_fast.recaption`` with that DSC captioner over the whole training set,
                    as a user would on their own shards: WORK/recaptioned/ holds the same shards plus a
                    ``.dsc`` member per sample (resumable: finished shards are skipped);
@@ -74,11 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=40, help="training-set shards (world seed 0; default 40)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per training-set shard (default 1000)")
     p.add_argument("--finetune-shards", type=int, default=2,
-                   help="the first shards, with their true SSC/DSC, are the captioners' fine-tuning set (default 2)")
+                   help="the first shards, with their true SSCs, are the SSC captioner's fine-tuning set (default 2)")
     p.add_argument("--vae-steps", type=int, default=3600, help="VAE optimizer steps (batch 16)")
-    p.add_argument("--captioner-steps", type=int, default=1500, help="captioner pre-training steps (batch 32)")
+    p.add_argument("--dsc-steps", type=int, default=4000, help="DSC captioner steps (batch 32)")
     p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
-    p.add_argument("--dsc-steps", type=int, default=600, help="DSC captioner fine-tune steps (batch 32)")
     p.add_argument("--unet-steps", type=int, default=4000,
                    help="U-Net optimizer steps (batch 32; each encoded image batch serves 4 steps)")
     p.add_argument("--decoder-steps", type=int, default=500, help="latent decoder steps (batch 16)")
@@ -185,7 +184,6 @@ def _train_captioners(args, work: Path, stages: str) -> None:
     shards, size, finetune = training_set(args)
     argv = ["--work", str(captioners_dir(work)), "--train-shards", str(shards), "--shard-size", str(size),
             "--finetune-shards", str(finetune), "--threads", str(args.threads), "--no-progress",
-            "--pretrain-steps", str(_steps(args.captioner_steps, args.scale)),
             "--ssc-steps", str(_steps(args.ssc_steps, args.scale)),
             "--dsc-steps", str(_steps(args.dsc_steps, args.scale)), "--set", f"seed={args.seed}",
             "--stages", stages]
@@ -203,8 +201,8 @@ def stage_data(args, work: Path) -> str:
 
 
 def stage_captioners(args, work: Path) -> Path:
-    """Pre-training, the SSC and DSC fine-tunes side by side (one process each), export."""
-    _train_captioners(args, work, "pretrain,finetune,export")
+    """The DSC captioner, its SSC fine-tune, export."""
+    _train_captioners(args, work, "dsc,ssc,export")
     return captioners_dir(work) / "export" / "dsc"
 
 

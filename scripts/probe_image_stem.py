@@ -17,11 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+STEMS = {"patch": {"image_stem": "patch"}, "conv": {"image_stem": "conv"},
+         "conv-deep": {"image_stem": "conv", "conv_stem_depth": 2}}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python scripts/probe_image_stem.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stem", action="append", choices=("patch", "conv"), help="image stem(s) to probe (repeatable)")
+    p.add_argument("--stem", action="append", choices=tuple(STEMS), help="image stem(s) to probe (repeatable); conv-deep: conv_stem_depth 2")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
@@ -60,7 +63,7 @@ def probe(stem: str, args, test_images, test_labels) -> dict:
     from dalle3_fast.models.captioner import CoCa, CoCaConfig
 
     torch.manual_seed(args.seed)
-    config = CoCaConfig.tiny(image_stem=stem, image_size=args.size)
+    config = CoCaConfig.tiny(**STEMS[stem], image_size=args.size)
     encoder = CoCa(config).visual  # built and initialised exactly as inside the captioner
     head = nn.Linear(config.embed_dim, len(SHAPES))
     params = [*encoder.parameters(), *head.parameters()]

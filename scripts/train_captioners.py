@@ -1,20 +1,22 @@
-"""Train DALL-E 3's three captioners on the scene world through ``python -m dalle3_fast.train``.
+"""Train DALL-E 3's captioners on the scene world through ``python -m dalle3_fast.train``.
 
     python scripts/train_captioners.py --work runs/captioners --export runs/captioners/export
 
 Stages (a stage whose result is already under ``--work`` is skipped, so the command resumes):
 
 1. ``data``:      40 shards x 1000 images (64x64, world seed 0) with ``python -m dalle3_fast.data.world``;
-2. ``pretrain``:  a tiny CoCa (convolutional image stem) on (image, alt-text), contrastive + captioning
-                  loss (configs/captioner_world_pretrain.json, on all 40 shards);
-3. ``finetune``:  two copies of it fine-tuned on the first 2 shards only (2000 images, 5 % of the
-                  data): on the short synthetic captions (configs/captioner_world_ssc.json) and on the
-                  descriptive ones (configs/captioner_world_dsc.json); the two runs go side by side
-                  (one process each) unless ``--sequential``;
-4. ``export``:    each final model loaded with ``CoCa.from_pretrained`` and written with
-                  ``CoCa.save_pretrained`` to ``--export``/{pretrained,ssc,dsc}; ``--asset DIR`` also
-                  writes the DSC captioner there with float16 weights (half the bytes; it loads back
-                  as float32), e.g. ``--asset dalle3_fast/assets/captioner_dsc``.
+2. ``dsc``:       the descriptive-caption (DSC) captioner: a tiny CoCa (convolutional image stem, text
+                  decoder cross-attending to every grid token) trained from scratch on the world's
+                  descriptive captions, contrastive + captioning loss (configs/captioner_world_dsc.json:
+                  world seed 0 drawn on the fly, the same world the shards hold, so no image repeats);
+3. ``ssc``:       the short-caption (SSC) captioner: the DSC one fine-tuned on the short captions of the
+                  first 2 shards (configs/captioner_world_ssc.json);
+4. ``pretrain``:  (not run unless named) a CoCa pre-trained on the shards' alt-text only
+                  (configs/captioner_world_pretrain.json): the noisy-caption baseline of the evaluation;
+5. ``export``:    each final model loaded with ``CoCa.from_pretrained`` and written with
+                  ``CoCa.save_pretrained`` to ``--export``/{dsc,ssc[,pretrained]}; ``--asset DIR`` (and
+                  ``--ssc-asset DIR``) also write the DSC (SSC) captioner there with float16 weights (half
+                  the bytes; it loads back as float32), e.g. ``--asset dalle3_fast/assets/captioner_dsc``.
 
 Runs use ``OMP_NUM_THREADS=--threads`` (default 1: on a shared machine more threads than free cores
 makes OpenMP spin and every step slower). An interrupted run resumes from its newest checkpoint.
@@ -33,9 +35,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-STAGES = ("data", "pretrain", "finetune", "export")
+STAGES = ("data", "dsc", "ssc", "pretrain", "export")
+DEFAULT_STAGES = ("data", "dsc", "ssc", "export")
 TRAIN_SHARDS, FINETUNE_SHARDS, SHARD_SIZE = 40, 2, 1000
-FINETUNES = {"ssc": "captioner_world_ssc.json", "dsc": "captioner_world_dsc.json"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,18 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", default="runs/captioners", help="directory for the data and the runs (default runs/captioners)")
     p.add_argument("--export", default=None, help="write the three final captioners here (default WORK/export)")
     p.add_argument("--asset", default=None, help="also write the DSC captioner with float16 weights to this directory")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated stages to run (default {','.join(STAGES)})")
+    p.add_argument("--ssc-asset", default=None, help="also write the SSC captioner with float16 weights to this directory")
+    p.add_argument("--stages", default=",".join(DEFAULT_STAGES),
+                   help=f"comma-separated stages to run, of {','.join(STAGES)} (default {','.join(DEFAULT_STAGES)})")
     p.add_argument("--train-shards", type=int, default=TRAIN_SHARDS, help=f"pre-training shards (default {TRAIN_SHARDS})")
     p.add_argument("--finetune-shards", type=int, default=FINETUNE_SHARDS,
-                   help=f"fine-tuning shards, the first ones of the pre-training set (default {FINETUNE_SHARDS})")
+                   help=f"the SSC fine-tune's shards, the first ones of the data (default {FINETUNE_SHARDS})")
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE, help=f"images per shard (default {SHARD_SIZE})")
-    p.add_argument("--pretrain-steps", type=int, default=None, help="override the pre-training config's steps")
+    p.add_argument("--dsc-steps", type=int, default=None, help="override the DSC config's steps")
     p.add_argument("--ssc-steps", type=int, default=None, help="override the SSC fine-tune config's steps")
-    p.add_argument("--dsc-steps", type=int, default=None, help="override the DSC fine-tune config's steps")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="override the alt-text pre-training config's steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override passed to every training run (e.g. batch_size=16); repeatable")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per training process (default 1)")
-    p.add_argument("--sequential", action="store_true", help="run the SSC and DSC fine-tunes one after the other")
     p.add_argument("--no-progress", action="store_true", help="hide the training progress bars")
     args = p.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -106,57 +109,63 @@ def stage_data(args, work: Path, env: dict) -> None:
     wait({"data": run(cmd, env)})
 
 
-def stage_pretrain(args, work: Path, env: dict) -> None:
-    out = work / "pretrain"
+def _train_stage(name: str, config: str, steps: int | None, overrides: list[str], args, work: Path, env: dict) -> None:
+    out = work / name
     if (out / "final" / "config.json").is_file():
-        print(f"[captioners] pretrain: {out / 'final'} exists, skipped", file=sys.stderr)
+        print(f"[captioners] {name}: {out / 'final'} exists, skipped", file=sys.stderr)
         return
-    data = shard_spec(work / "data" / "train", args.train_shards)
-    cmd = train_command("captioner_world_pretrain.json", out, args.pretrain_steps,
-                        [f"task_options.data={json.dumps(data)}", *args.overrides], not args.no_progress)
-    wait({"pretrain": run(cmd, env)})
+    cmd = train_command(config, out, steps, [*overrides, *args.overrides], not args.no_progress)
+    wait({name: run(cmd, env)})
 
 
-def stage_finetune(args, work: Path, env: dict) -> None:
+def stage_dsc(args, work: Path, env: dict) -> None:
+    _train_stage("dsc", "captioner_world_dsc.json", args.dsc_steps, [], args, work, env)
+
+
+def stage_ssc(args, work: Path, env: dict) -> None:
+    init = work / "dsc" / "final"
+    if not (init / "config.json").is_file() and not (work / "ssc" / "final" / "config.json").is_file():
+        raise SystemExit(f"error: no DSC captioner at {init}; run the dsc stage first")
     data = shard_spec(work / "data" / "train", args.finetune_shards)
-    init = work / "pretrain" / "final"
-    if not (init / "config.json").is_file():
-        raise SystemExit(f"error: no pre-trained captioner at {init}; run the pretrain stage first")
-    steps = {"ssc": args.ssc_steps, "dsc": args.dsc_steps}
-    procs = {}
-    for name, config in FINETUNES.items():
-        out = work / name
-        if (out / "final" / "config.json").is_file():
-            print(f"[captioners] {name}: {out / 'final'} exists, skipped", file=sys.stderr)
-            continue
-        overrides = [f"task_options.data={json.dumps(data)}", f"task_options.init_from={json.dumps(str(init))}",
-                     *args.overrides]
-        # side by side, each run writes its progress to its own log (WORK/ssc.log, WORK/dsc.log)
-        log = None if args.sequential else work / f"{name}.log"
-        procs[name] = run(train_command(config, out, steps[name], overrides, not args.no_progress), env, log)
-        if args.sequential:
-            wait({name: procs.pop(name)})
-    wait(procs)
+    _train_stage("ssc", "captioner_world_ssc.json", args.ssc_steps,
+                 [f"task_options.data={json.dumps(data)}", f"task_options.init_from={json.dumps(str(init))}"],
+                 args, work, env)
 
 
-def stage_export(args, work: Path, env: dict) -> None:
+def stage_pretrain(args, work: Path, env: dict) -> None:
+    data = shard_spec(work / "data" / "train", args.train_shards)
+    _train_stage("pretrain", "captioner_world_pretrain.json", args.pretrain_steps,
+                 [f"task_options.data={json.dumps(data)}"], args, work, env)
+
+
+def _write_half(source: Path, asset: Path, name: str) -> None:
     import torch
 
     from dalle3_fast.models.captioner import CoCa
 
+    if asset.exists():
+        shutil.rmtree(asset)
+    CoCa.from_pretrained(source).to(torch.float16).save_pretrained(asset)
+    size = sum(f.stat().st_size for f in asset.rglob("*") if f.is_file())
+    print(f"[captioners] {name} (float16 weights) -> {asset} ({size / 2**20:.2f} MiB)", file=sys.stderr)
+
+
+def stage_export(args, work: Path, env: dict) -> None:
+    from dalle3_fast.models.captioner import CoCa
+
     export = Path(args.export) if args.export else work / "export"
-    for name, run_dir in (("pretrained", "pretrain"), ("ssc", "ssc"), ("dsc", "dsc")):
+    for name, run_dir, required in (("dsc", "dsc", True), ("ssc", "ssc", True), ("pretrained", "pretrain", False)):
         source = work / run_dir / "final"
-        model = CoCa.from_pretrained(source)
-        model.save_pretrained(export / name)
+        if not (source / "config.json").is_file():
+            if required:
+                raise SystemExit(f"error: no {name} captioner at {source}; run the {run_dir} stage first")
+            continue
+        CoCa.from_pretrained(source).save_pretrained(export / name)
         print(f"[captioners] {name}: {source} -> {export / name}", file=sys.stderr)
     if args.asset:
-        asset = Path(args.asset)
-        if asset.exists():
-            shutil.rmtree(asset)
-        CoCa.from_pretrained(work / "dsc" / "final").to(torch.float16).save_pretrained(asset)
-        size = sum(f.stat().st_size for f in asset.rglob("*") if f.is_file())
-        print(f"[captioners] dsc (float16 weights) -> {asset} ({size / 2**20:.2f} MiB)", file=sys.stderr)
+        _write_half(work / "dsc" / "final", Path(args.asset), "dsc")
+    if args.ssc_asset:
+        _write_half(work / "ssc" / "final", Path(args.ssc_asset), "ssc")
 
 
 def main(argv=None) -> int:

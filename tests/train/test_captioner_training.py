@@ -1,5 +1,6 @@
-"""Captioner training end to end on a tiny scene-world shard set: alt-text pre-training, then a DSC
-fine-tune from its export, both through ``python -m dalle3_fast.train``'s CLI with the shipped configs."""
+"""Captioner training end to end through ``python -m dalle3_fast.train``'s CLI with the shipped configs: the
+DSC captioner from scratch on the scene world, its SSC fine-tune on a tiny shard set, alt-text pre-training,
+and the orchestration script's export of them."""
 from __future__ import annotations
 
 import json
@@ -33,39 +34,57 @@ def _write_shards(directory: Path, shards: int, per_shard: int) -> str:
     return str(directory / f"{{000000..{shards - 1:06d}}}.tar")
 
 
-def test_pretrain_then_dsc_finetune_through_the_cli(tmp_path, one_thread):
+def test_dsc_then_ssc_finetune_and_pretrain_through_the_cli(tmp_path, one_thread):
     from dalle3_fast.models.captioner import CoCa
 
     data = _write_shards(tmp_path / "data", 2, 16)
     first_shard = str(tmp_path / "data" / "000000.tar")
 
-    pre = _train("captioner_world_pretrain.json", tmp_path / "pretrain", 20, f"task_options.data={json.dumps(data)}",
-                 "task_options.tokenizer_scenes=100", "sample_every=20", "task_options.sample_tokens=6")
-    assert pre["losses"][-1] < 0.8 * pre["losses"][0], pre["losses"]
-    samples = (tmp_path / "pretrain" / "samples" / "captions.jsonl").read_text().splitlines()
-    assert len(samples) == 4 and all(json.loads(s)["reference"] for s in samples)  # references are alt-texts
+    dsc = _train("captioner_world_dsc.json", tmp_path / "dsc", 20, "task_options.tokenizer_scenes=100",
+                 "sample_every=20", "task_options.sample_tokens=6", "optimizer.lr=1e-3")
+    assert dsc["losses"][-1] < 0.8 * dsc["losses"][0], dsc["losses"]
+    samples = (tmp_path / "dsc" / "samples" / "captions.jsonl").read_text().splitlines()
+    assert len(samples) == 4 and all(len(json.loads(s)["reference"].split()) > 10 for s in samples)  # true DSCs
+    trained = CoCa.from_pretrained(dsc["final"])
+    assert trained.config.image_stem == "conv" and trained.config.caption_grid
 
-    dsc = _train("captioner_world_dsc.json", tmp_path / "dsc", 10, f"task_options.data={json.dumps(first_shard)}",
-                 f"task_options.init_from={json.dumps(str(pre['final']))}", "sample_every=0")
-    assert dsc["losses"][-1] < dsc["losses"][0], dsc["losses"]
-
-    pretrained, finetuned = CoCa.from_pretrained(pre["final"]), CoCa.from_pretrained(dsc["final"])
-    assert finetuned.config == pretrained.config and finetuned.tokenizer is not None
-    assert any(not torch.equal(a, b) for a, b in zip(pretrained.state_dict().values(), finetuned.state_dict().values()))
+    ssc = _train("captioner_world_ssc.json", tmp_path / "ssc", 10, f"task_options.data={json.dumps(first_shard)}",
+                 f"task_options.init_from={json.dumps(str(dsc['final']))}", "sample_every=0")
+    assert ssc["losses"][-1] < ssc["losses"][0], ssc["losses"]
+    finetuned = CoCa.from_pretrained(ssc["final"])
+    assert finetuned.config == trained.config and finetuned.tokenizer is not None
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), finetuned.state_dict().values()))
     image = torch.rand(1, 3, 64, 64) * 2 - 1
     assert isinstance(finetuned.generate(image, max_new_tokens=5)[0], str)
 
-    # the orchestration script's export stage reads the same run layout (ssc stands in for itself here)
+    pre = _train("captioner_world_pretrain.json", tmp_path / "pretrain", 5, f"task_options.data={json.dumps(data)}",
+                 "task_options.tokenizer_scenes=100", "sample_every=0")
+    assert not CoCa.from_pretrained(pre["final"]).config.caption_grid  # the alt-text baseline keeps the pooler only
+
+    # the orchestration script's export stage reads the same run layout
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import train_captioners
     finally:
         sys.path.pop(0)
-    (tmp_path / "ssc").symlink_to(tmp_path / "dsc", target_is_directory=True)
-    assert train_captioners.main(["--work", str(tmp_path), "--stages", "export", "--asset", str(tmp_path / "asset")]) == 0
+    assert train_captioners.main(["--work", str(tmp_path), "--stages", "export", "--asset", str(tmp_path / "asset"),
+                                  "--ssc-asset", str(tmp_path / "ssc_asset")]) == 0
     for name in ("pretrained", "ssc", "dsc"):
         assert CoCa.from_pretrained(tmp_path / "export" / name).tokenizer is not None
-    half = CoCa.from_pretrained(tmp_path / "asset")
-    assert half.dtype == torch.float32
-    for (name, a), b in zip(finetuned.state_dict().items(), half.state_dict().values()):
-        torch.testing.assert_close(b, a.half().float(), msg=name)
+    for source, asset in ((trained, "asset"), (finetuned, "ssc_asset")):
+        half = CoCa.from_pretrained(tmp_path / asset)
+        assert half.dtype == torch.float32
+        for (name, a), b in zip(source.state_dict().items(), half.state_dict().values()):
+            torch.testing.assert_close(b, a.half().float(), msg=name)
+
+
+def test_export_names_the_missing_stage(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import train_captioners
+    finally:
+        sys.path.pop(0)
+    with pytest.raises(SystemExit, match="no dsc captioner at .*; run the dsc stage first"):
+        train_captioners.main(["--work", str(tmp_path), "--stages", "export"])
+    with pytest.raises(SystemExit, match="no DSC captioner at .*; run the dsc stage first"):
+        train_captioners.main(["--work", str(tmp_path), "--stages", "ssc"])

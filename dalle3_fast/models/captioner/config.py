@@ -20,11 +20,15 @@ class CoCaConfig:
     # (Xiao et al. 2021, "Early convolutions help transformers see better"): sees shapes on small data.
     # A config.json without this key was written before it existed: a "patch" ViT.
     image_stem: str = "patch"
+    conv_stem_depth: int = 1        # "conv" stem: 3x3 convolutions per stage, the first of stride 2 (2: a deeper stem)
     vision_width: int = 128
     vision_layers: int = 2
     vision_heads: int = 4
     vision_mlp_ratio: float = 4.0
     caption_queries: int = 32       # image tokens the multimodal decoder cross-attends to
+    # True: the multimodal decoder cross-attends to every grid token as well as to the pooler's caption queries,
+    # so where each object sits (counts, left/right/above/below) reaches the text without a bottleneck.
+    caption_grid: bool = False
     pooler_heads: int = 4
     # Text: unimodal causal decoder then multimodal decoder (causal self-attn + cross-attn to image tokens).
     vocab_size: int = 512
@@ -61,7 +65,7 @@ class CoCaConfig:
         def fail(msg):
             raise ValueError(f"CoCaConfig: {msg}")
 
-        positive = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "caption_queries",
+        positive = ("image_size", "patch_size", "conv_stem_depth", "vision_width", "vision_layers", "vision_heads", "caption_queries",
                     "pooler_heads", "vocab_size", "max_text_len", "text_width", "text_heads", "text_layers",
                     "multimodal_layers", "embed_dim")
         for name in positive:
@@ -91,6 +95,11 @@ class CoCaConfig:
                      f"{SUPPORTED_HEAD_DIMS}; change the width or the head count")
         if self.caption_queries > 512:
             fail(f"`caption_queries`={self.caption_queries} exceeds the 512 keys cross_attention takes")
+        if not isinstance(self.caption_grid, bool):
+            fail(f"`caption_grid` must be true or false, got {self.caption_grid!r}")
+        if self.caption_grid and self.caption_queries + self.num_patches > 512:
+            fail(f"`caption_grid`: {self.caption_queries} caption queries + {self.num_patches} grid tokens exceed the "
+                 "512 keys cross_attention takes; use fewer queries or a larger patch size")
         if self.num_patches > 512:
             fail(f"{self.num_patches} patches exceed the 512 keys the attentional pooler's cross_attention takes; "
                  "use a larger patch size")

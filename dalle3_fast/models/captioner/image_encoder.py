@@ -12,11 +12,11 @@ from dalle3_fast.nn.checkpointing import checkpointed
 
 
 class ConvStemLayer(nn.Module):
-    """3x3 stride-2 convolution, then GroupNorm + SiLU (one fused op)."""
+    """3x3 convolution (stride 2 by default), then GroupNorm + SiLU (one fused op)."""
 
-    def __init__(self, in_channels: int, out_channels: int, eps: float):
+    def __init__(self, in_channels: int, out_channels: int, eps: float, stride: int = 2):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
         self.norm = nn.GroupNorm(CONV_STEM_GROUPS, out_channels, eps=eps)
 
     def forward(self, x):
@@ -24,14 +24,19 @@ class ConvStemLayer(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """log2(patch_size) ConvStemLayers doubling the channels up to vision_width, then a 1x1 projection:
+    """log2(patch_size) stages doubling the channels up to vision_width, each a stride-2 ConvStemLayer and
+    conv_stem_depth - 1 stride-1 ones, then a 1x1 projection:
     (B, 3, S, S) -> (B, vision_width, S / patch_size, S / patch_size)."""
 
     def __init__(self, config: CoCaConfig):
         super().__init__()
         depth = config.patch_size.bit_length() - 1
         widths = [3] + [config.vision_width >> (depth - 1 - i) for i in range(depth)]
-        self.layers = nn.Sequential(*(ConvStemLayer(a, b, config.layer_norm_eps) for a, b in zip(widths, widths[1:])))
+        eps, extra = config.layer_norm_eps, config.conv_stem_depth - 1
+        layers = []
+        for a, b in zip(widths, widths[1:]):
+            layers += [ConvStemLayer(a, b, eps)] + [ConvStemLayer(b, b, eps, stride=1) for _ in range(extra)]
+        self.layers = nn.Sequential(*layers)
         self.proj = nn.Conv2d(config.vision_width, config.vision_width, kernel_size=1)
 
     def forward(self, images):
@@ -57,6 +62,7 @@ class VisionTransformer(nn.Module):
         self.pooler = AttentionalPooler(c.vision_width, c.pooler_heads, 1 + c.caption_queries, c.layer_norm_eps)
         self.ln_post = nn.LayerNorm(c.vision_width, eps=c.layer_norm_eps)
         self.proj = nn.Linear(c.vision_width, c.embed_dim, bias=False)
+        self.caption_grid = c.caption_grid
         self.gradient_checkpointing = False
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,5 +71,8 @@ class VisionTransformer(nn.Module):
         x = self.ln_pre(x)
         for block in self.blocks:
             x = checkpointed(block, self.gradient_checkpointing, x)
-        pooled = self.ln_post(self.pooler(x))
+        pooled = self.pooler(x)
+        if self.caption_grid:
+            pooled = torch.cat([pooled, x], dim=1)  # caption queries, then every grid token
+        pooled = self.ln_post(pooled)
         return self.proj(pooled[:, 0]), pooled[:, 1:]

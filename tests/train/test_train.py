@@ -273,6 +273,19 @@ def test_vae_task_foreground_weighted_mse_and_logvar_reset(tmp_path):
         run_task(tmp_path / "bad", "vae", {"model": "tiny", "recon_loss": "l2"})
 
 
+def test_vae_task_model_config_overrides_the_named_config(tmp_path):
+    from dalle3_fast.models.vae import AutoencoderKL
+
+    summary = run_task(tmp_path, "vae", {"model": "tiny", "model_config": {"latent_channels": 16}})
+    vae = AutoencoderKL.from_pretrained(summary["final"])
+    assert vae.config.latent_channels == 16 and vae.config.block_out_channels == (32, 64, 64, 64)
+    assert vae.encode(torch.zeros(1, 3, 32, 32)).mode().shape == (1, 16, 4, 4)
+    with pytest.raises(ValueError, match="model_config"):
+        run_task(tmp_path / "bad", "vae", {"model": "tiny", "model_config": {"latent_chanels": 16}})
+    with pytest.raises(ValueError, match="drop model_config"):
+        run_task(tmp_path / "dir", "vae", {"model": summary["final"], "model_config": {"latent_channels": 8}})
+
+
 def test_reconstruction_loss_weights_the_foreground():
     from dalle3_fast.train.tasks.vae import foreground_weights, reconstruction_loss
 

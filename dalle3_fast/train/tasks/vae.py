@@ -13,7 +13,7 @@ each loss reaches only its own network's parameters.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -77,6 +77,8 @@ class VAETask(Task):
     @dataclass
     class Options(ImageDataOptions):
         model: str = "tiny"                 # a named VAE config (tiny, sd, sdxl) or a model directory to fine-tune
+        # fields of the named config to override, e.g. {"latent_channels": 16, "block_out_channels": [32, 64, 64, 64]}
+        model_config: dict = field(default_factory=dict)
         kl_weight: float = 1e-6
         sample_posterior: bool = True
         recon_loss: str = "l1"              # "l1" or "mse+l1"
@@ -95,9 +97,16 @@ class VAETask(Task):
         if o.foreground_weight < 0:
             raise ValueError(f"task_options.foreground_weight must be >= 0, got {o.foreground_weight}")
         if Path(o.model).is_dir():
+            if o.model_config:
+                raise ValueError(f"task_options.model_config applies to a named config, but model {o.model!r} is a "
+                                 "directory whose config.json fixes the architecture; drop model_config")
             vae = AutoencoderKL.from_pretrained(o.model).train()
         else:
-            vae = AutoencoderKL(vae_config(o.model))
+            try:
+                vae = AutoencoderKL(vae_config(o.model, **o.model_config))
+            except TypeError as exc:
+                raise ValueError(f"task_options.model_config {o.model_config}: {exc}; use AutoencoderKL config fields "
+                                 "(latent_channels, block_out_channels, layers_per_block, norm_num_groups, ...)") from exc
         if o.logvar_init is not None:
             with torch.no_grad():
                 logvar = slice(vae.config.latent_channels, None)

@@ -261,6 +261,14 @@ def _expand(spec: str) -> list[str]:
 UNET_OVERRIDES = dict(block_out_channels=[64, 128], norm_num_groups=16, attention_head_dim=[2, 4])
 
 
+def vae_latent_channels(work: Path) -> int:
+    """Latent channels of the trained VAE: the U-Net and the latent decoder are built to match them."""
+    config = work / "vae" / "final" / "config.json"
+    if not config.is_file():
+        raise BuildError(f"{config} is missing; run the vae stage first")
+    return int(json.loads(config.read_text()).get("latent_channels", 4))
+
+
 def stage_unet(args, work: Path) -> Path:
     import torch
 
@@ -271,7 +279,8 @@ def stage_unet(args, work: Path) -> Path:
     init = work / "unet_init"
     if not (init / "config.json").is_file():
         torch.manual_seed(args.seed)
-        UNet({**named_config("tiny"), **UNET_OVERRIDES}).save_pretrained(init)
+        c = vae_latent_channels(work)
+        UNet({**named_config("tiny"), **UNET_OVERRIDES, "in_channels": c, "out_channels": c}).save_pretrained(init)
     overrides = {"steps": _steps(args.unet_steps, args.scale), "ema_decay": 0.995, "log_every": 25,
                  "task_options.model": str(init), "task_options.vae": str(work / "vae" / "final"),
                  "task_options.text_encoder": "tiny", "task_options.buckets": [[64, 64]],
@@ -287,9 +296,11 @@ def stage_unet(args, work: Path) -> Path:
 
 def stage_decoder(args, work: Path) -> Path:
     vae = str(work / "vae" / "final")
+    c = vae_latent_channels(work)
+    latents = {"latent_channels": c, "decoder_in_channels": 3 + c, "latents_mean": [0.0] * c, "latents_std": [1.0] * c}
     teacher = _run("decoder_tiny.json", work / "decoder",
                    {"steps": _steps(args.decoder_steps, args.scale), "ema_decay": 0.99, "log_every": 25,
-                    "task_options.vae": vae, "optimizer.lr": 5e-4}, args)
+                    "task_options.vae": vae, "task_options.model_config": latents, "optimizer.lr": 5e-4}, args)
     return _run("decoder_distill_tiny.json", work / "decoder_distill",
                 {"steps": _steps(args.distill_steps, args.scale), "log_every": 25, "task_options.vae": vae,
                  "task_options.teacher": str(teacher)}, args)

@@ -344,6 +344,19 @@ def test_decoder_then_distill_tasks(tmp_path, tiny_parts):
         run_task(tmp_path / "x", "decoder_distill", opts)
 
 
+def test_decoder_task_model_config_follows_a_16_channel_vae(tmp_path):
+    from dalle3_fast.models.latent_decoder import LatentDecoder
+    from dalle3_fast.models.vae import AutoencoderKL, vae_config
+
+    AutoencoderKL(vae_config("tiny", latent_channels=16)).save_pretrained(tmp_path / "vae16")
+    latents = {"latent_channels": 16, "decoder_in_channels": 19, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
+    summary = run_task(tmp_path, "decoder", {"vae": str(tmp_path / "vae16"), "sample_steps": 2,
+                                             "model_config": latents})
+    assert LatentDecoder.from_pretrained(summary["final"]).config.latent_channels == 16
+    with pytest.raises(ValueError, match="model_config"):
+        run_task(tmp_path / "bad", "decoder", {"vae": str(tmp_path / "vae16"), "model_config": {"latent_chanels": 16}})
+
+
 def test_captioner_task_pretrain_then_finetune(tmp_path):
     from dalle3_fast.models.captioner import CoCa
 

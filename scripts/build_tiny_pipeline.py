@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=1000, help="images per training-set shard (default 1000)")
     p.add_argument("--finetune-shards", type=int, default=2,
                    help="the first shards, with their true SSC/DSC, are the captioners' fine-tuning set (default 2)")
-    p.add_argument("--vae-steps", type=int, default=3600, help="VAE optimizer steps (batch 16)")
+    p.add_argument("--vae-steps", type=int, default=1500, help="VAE optimizer steps (batch 16)")
     p.add_argument("--captioner-steps", type=int, default=1500, help="captioner pre-training steps (batch 32)")
     p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
     p.add_argument("--dsc-steps", type=int, default=600, help="DSC captioner fine-tune steps (batch 32)")
@@ -139,14 +139,19 @@ def _run(config: str, out: Path, overrides: dict, args) -> Path:
     return final
 
 
+# 16 latent channels (as SD3 / FLUX): with 4, an 8x8 latent cannot hold a 10-pixel shape's corners.
+VAE_LATENT_CHANNELS = 16
+
+
 def stage_vae(args, work: Path) -> Path:
     """vae_config("tiny") (32/64/64/64 channels, 8x8x4 latents for 64x64 images) from scratch: MSE + 0.1 L1
     with the shapes' pixels weighted 11x against the background, and the posterior's log-variance head
     starting at std 0.01 (see the ``vae`` task). Plain L1 learns the background first and after as many
     steps draws grey blobs: hue, which is the point of these pictures, comes last."""
     return _run("vae_tiny.json", work / "vae",
-                {"steps": _steps(args.vae_steps, args.scale), "batch_size": 16, "ema_decay": 0.998,
-                 "task_options.model": "tiny", "task_options.recon_loss": "mse+l1",
+                {"steps": _steps(args.vae_steps, args.scale), "batch_size": 16, "ema_decay": 0.995,
+                 "task_options.model": "tiny", "task_options.model_config": {"latent_channels": VAE_LATENT_CHANNELS},
+                 "task_options.recon_loss": "mse+l1",
                  "task_options.foreground_weight": 10.0, "task_options.logvar_init": -9.0,
                  "optimizer.lr": 2e-3, "optimizer.betas": [0.9, 0.99], "optimizer.warmup_steps": 50,
                  "optimizer.schedule": "cosine", "optimizer.min_lr_ratio": 0.05, "log_every": 50}, args)

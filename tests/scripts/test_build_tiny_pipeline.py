@@ -32,6 +32,9 @@ def test_all_stages_then_the_alt_only_ablation(tmp_path):
     assert "stages vae,data,captioners,recaption,unet,decoder,upsampler,assemble done" in log
     pipe = Dalle3Pipeline.from_pretrained(pipe_dir)
     assert pipe.decoder is not None and pipe.upsampler is not None
+    # the U-Net and the latent decoder are built for the VAE's 16 latent channels
+    assert pipe.vae.config.latent_channels == 16 == pipe.unet.config["in_channels"] == pipe.unet.config["out_channels"]
+    assert pipe.decoder.config.latent_channels == 16
     assert next(pipe.unet.parameters()).dtype == torch.float32  # stored in fp16, computed in fp32
     out = pipe("a red circle above a blue square", steps=2, seed=0)
     assert out.images[0].size == (64, 64)
@@ -81,12 +84,12 @@ def test_alt_only_run_alone_is_assembled_with_its_own_text_encoder_and_a_stopped
     from dalle3_fast.train.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(work / "vae" / "checkpoints")
-    assert [p.name for p in checkpoints] == ["step_00000006", "step_00000007"]
-    shutil.rmtree(work / "vae" / "final")  # as if stopped at step 6 of 7
+    assert [p.name for p in checkpoints] == ["step_00000002", "step_00000003"]
+    shutil.rmtree(work / "vae" / "final")  # as if stopped at step 2 of 3
     shutil.rmtree(checkpoints[-1])
     log = build("--out", str(tmp_path / "alt"), "--work", str(work), "--stages", "vae", "--ckpt-every", "2")
-    assert "resuming from step_00000006" in log and (work / "vae" / "final").is_dir()
-    assert "vae_tiny.json: 7 steps" in log
+    assert "resuming from step_00000002" in log and (work / "vae" / "final").is_dir()
+    assert "vae_tiny.json: 3 steps" in log
 
 
 def _script():

@@ -282,8 +282,19 @@ def test_vae_task_model_config_overrides_the_named_config(tmp_path):
     assert vae.encode(torch.zeros(1, 3, 32, 32)).mode().shape == (1, 16, 4, 4)
     with pytest.raises(ValueError, match="model_config"):
         run_task(tmp_path / "bad", "vae", {"model": "tiny", "model_config": {"latent_chanels": 16}})
-    with pytest.raises(ValueError, match="drop model_config"):
-        run_task(tmp_path / "dir", "vae", {"model": summary["final"], "model_config": {"latent_channels": 8}})
+    with pytest.raises(ValueError, match="only latent_channels"):
+        run_task(tmp_path / "dir", "vae", {"model": summary["final"], "model_config": {"layers_per_block": 2}})
+
+
+def test_vae_task_widens_a_trained_vae_directory(tmp_path, tiny_parts):
+    from dalle3_fast.models.vae import AutoencoderKL
+
+    summary = run_task(tmp_path, "vae", {"model": str(tiny_parts / "vae"), "model_config": {"latent_channels": 16}},
+                       optimizer={"lr": 1e-6})
+    wide = AutoencoderKL.from_pretrained(summary["final"])
+    assert wide.config.latent_channels == 16
+    old = AutoencoderKL.from_pretrained(tiny_parts / "vae")
+    torch.testing.assert_close(wide.encoder.conv_in.weight, old.encoder.conv_in.weight, rtol=0, atol=1e-4)
 
 
 def test_reconstruction_loss_weights_the_foreground():

@@ -83,13 +83,16 @@ def test_alt_only_run_alone_is_assembled_with_its_own_text_encoder_and_a_stopped
 
     from dalle3_fast.train.checkpoint import list_checkpoints
 
-    checkpoints = list_checkpoints(work / "vae" / "checkpoints")
-    assert [p.name for p in checkpoints] == ["step_00000002", "step_00000003"]
-    shutil.rmtree(work / "vae" / "final")  # as if stopped at step 2 of 3
+    checkpoints = list_checkpoints(work / "vae4" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step_00000006", "step_00000007"]
+    for run in ("vae4", "vae"):
+        shutil.rmtree(work / run / "final")  # as if stopped at step 6 of 7 of the first run
+    shutil.rmtree(work / "vae")
     shutil.rmtree(checkpoints[-1])
     log = build("--out", str(tmp_path / "alt"), "--work", str(work), "--stages", "vae", "--ckpt-every", "2")
-    assert "resuming from step_00000002" in log and (work / "vae" / "final").is_dir()
-    assert "vae_tiny.json: 3 steps" in log
+    assert "resuming from step_00000006" in log and (work / "vae" / "final").is_dir()
+    assert "vae_tiny.json: 7 steps" in log and "vae_tiny_widen.json: 2 steps" in log
+    assert json.loads((work / "vae" / "final" / "config.json").read_text())["latent_channels"] == 16
 
 
 def _script():

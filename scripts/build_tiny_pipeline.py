@@ -5,11 +5,11 @@
 Stages (each one's result is kept under ``--work``, so a stage that already finished is skipped
 when the command is run again, and an interrupted training stage resumes from its newest checkpoint):
 
-1. ``vae``:        the tiny KL-f8 VAE (64x64x3 -> 8x8x16), task ``vae`` of ``python -m dalle3_fast.train``:
-                   configs/vae_tiny.json trains it with 4 latent channels (MSE + L1 weighted towards the
-                   shapes' pixels, KL 1e-6) into WORK/vae4, configs/vae_tiny_widen.json widens that to 16
-                   latent channels and fine-tunes it into WORK/vae; the U-Net and the latent decoder are
-                   built for the VAE's latent channels;
+1. ``vae``:        the tiny KL-f8 VAE (64x64x3 -> 8x8x4), task ``vae`` of ``python -m dalle3_fast.train`` with
+                   configs/vae_tiny.json: MSE + L1 weighted towards the shapes' pixels, KL 1e-6. With
+                   ``--vae-latent-channels C`` > 4 that VAE (WORK/vae4) is widened to C latent channels and
+                   fine-tuned (configs/vae_tiny_widen.json) into WORK/vae; the U-Net and the latent decoder
+                   are built for the VAE's latent channels;
 2. ``data``:       the training set, ``--shards`` world shards of ``--shard-size`` images (world seed 0,
                    each sample with its alt-text and, in its json, the world's true captions), written by
                    scripts/train_captioners.py's data stage to WORK/captioners/data/train;
@@ -79,8 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--finetune-shards", type=int, default=2,
                    help="the first shards, with their true SSC/DSC, are the captioners' fine-tuning set (default 2)")
     p.add_argument("--vae-steps", type=int, default=3600, help="4-channel VAE optimizer steps (batch 16)")
+    p.add_argument("--vae-latent-channels", type=int, default=VAE_LATENT_CHANNELS,
+                   help="VAE latent channels (default %(default)s); above 4 the 4-channel VAE is widened to them "
+                        "and fine-tuned for --vae-widen-steps")
     p.add_argument("--vae-widen-steps", type=int, default=800,
-                   help="fine-tuning steps of the VAE widened to 16 latent channels (batch 16)")
+                   help="fine-tuning steps of the widened VAE (batch 16; only with --vae-latent-channels > 4)")
     p.add_argument("--captioner-steps", type=int, default=1500, help="captioner pre-training steps (batch 32)")
     p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
     p.add_argument("--dsc-steps", type=int, default=600, help="DSC captioner fine-tune steps (batch 32)")
@@ -98,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.alt_only:
         args.variant = "alt-only"
+    if args.vae_latent_channels < 4:
+        p.error(f"--vae-latent-channels {args.vae_latent_channels}: the 4-channel VAE can only be widened; use >= 4")
     if min(args.shards, args.shard_size, args.finetune_shards) < 1 or args.finetune_shards > args.shards:
         p.error("--shards, --shard-size and --finetune-shards must be >= 1, with --finetune-shards <= --shards")
     return args
@@ -144,22 +149,27 @@ def _run(config: str, out: Path, overrides: dict, args) -> Path:
     return final
 
 
-# 16 latent channels (as SD3 / FLUX): with 4, an 8x8 latent cannot hold a 10-pixel shape's corners.
-VAE_LATENT_CHANNELS = 16
+# The build's VAE latent channels. 4: configs/vae_tiny.json alone (the shipped VAE). More: that VAE widened
+# to them and fine-tuned (SD3 / FLUX use 16); at 800 fine-tuning steps 16 channels did not yet read better.
+VAE_LATENT_CHANNELS = 4
 
 
 def stage_vae(args, work: Path) -> Path:
-    """Two runs. First vae_config("tiny") (32/64/64/64 channels, 8x8x4 latents for 64x64 images) from scratch
-    (configs/vae_tiny.json, into WORK/vae4): MSE + 0.1 L1 with the shapes' pixels weighted 11x against the
-    background, and the posterior's log-variance head starting at std 0.01 (see the ``vae`` task). Plain L1
-    learns the background first and after as many steps draws grey blobs: hue, which is the point of these
-    pictures, comes last. Then that VAE widened to 16 latent channels (``widen_latent_channels``: it
-    reconstructs as before, the decoder learns to read the new channels) and fine-tuned
-    (configs/vae_tiny_widen.json, into WORK/vae): 16 channels from scratch were at 15 dB after 400 steps."""
-    narrow = _run("vae_tiny.json", work / "vae4", {"steps": _steps(args.vae_steps, args.scale)}, args)
+    """vae_config("tiny") (32/64/64/64 channels, 8x8x4 latents for 64x64 images) from scratch
+    (configs/vae_tiny.json): MSE + 0.1 L1 with the shapes' pixels weighted 11x against the background, and
+    the posterior's log-variance head starting at std 0.01 (see the ``vae`` task). Plain L1 learns the
+    background first and after as many steps draws grey blobs: hue, which is the point of these pictures,
+    comes last. With ``--vae-latent-channels`` above 4 that run goes to WORK/vae4, and its VAE is widened
+    (``widen_latent_channels``: it reconstructs as before, the decoder learns to read the new channels) and
+    fine-tuned into WORK/vae (configs/vae_tiny_widen.json); 16 channels from scratch were at 15 dB after
+    400 steps, where widening starts at the 4-channel VAE's 24 dB."""
+    steps = {"steps": _steps(args.vae_steps, args.scale)}
+    if args.vae_latent_channels == 4:
+        return _run("vae_tiny.json", work / "vae", steps, args)
+    narrow = _run("vae_tiny.json", work / "vae4", steps, args)
     return _run("vae_tiny_widen.json", work / "vae",
                 {"steps": _steps(args.vae_widen_steps, args.scale), "task_options.model": str(narrow),
-                 "task_options.model_config": {"latent_channels": VAE_LATENT_CHANNELS}}, args)
+                 "task_options.model_config": {"latent_channels": args.vae_latent_channels}}, args)
 
 
 def training_set(args) -> tuple[int, int, int]:

@@ -108,8 +108,8 @@ class VAETask(Task):
             try:
                 vae = AutoencoderKL(vae_config(o.model, **o.model_config))
             except TypeError as exc:
-                raise ValueError(f"task_options.model_config {o.model_config}: {exc}; use AutoencoderKL config fields "
-                                 "(latent_channels, block_out_channels, layers_per_block, norm_num_groups, ...)") from exc
+                raise ValueError(f"task_options.model_config {o.model_config}: {exc}; use AutoencoderKL config "
+                                 "fields (latent_channels, block_out_channels, layers_per_block, ...)") from exc
         if o.logvar_init is not None:
             with torch.no_grad():
                 logvar = slice(vae.config.latent_channels, None)

@@ -450,3 +450,50 @@ class AutoencoderKL(nn.Module):
 def estimate_scaling_factor(latents: torch.Tensor) -> float:
     """1 / std of a batch of VAE latents (SD's recipe for ``scaling_factor`` of a freshly trained VAE)."""
     return float(1.0 / latents.float().std())
+
+
+@torch.no_grad()
+def widen_latent_channels(vae: AutoencoderKL, latent_channels: int) -> AutoencoderKL:
+    """A copy of ``vae`` with more latent channels that reconstructs exactly as it does (posterior mode).
+
+    The old channels keep their weights. The new ones: the encoder's output rows keep their fresh
+    initialisation (so they carry something from the start), quant_conv / post_quant_conv pass them
+    through unchanged, and the decoder's input weights for them start at zero, so the decoder learns to
+    read them by fine-tuning; new log-variance rows take the old ones' mean bias.
+    """
+    c, new = vae.config.latent_channels, int(latent_channels)
+    if new < c:
+        raise ValueError(f"widen_latent_channels: the VAE has {c} latent channels; {new} would narrow it")
+    if not (vae.config.use_quant_conv and vae.config.use_post_quant_conv):
+        raise ValueError("widen_latent_channels needs quant_conv and post_quant_conv (use_quant_conv, "
+                         "use_post_quant_conv true)")
+    torch.manual_seed(0)  # the new encoder rows' initialisation does not depend on the caller's RNG state
+    out = AutoencoderKL(dataclasses.replace(vae.config, latent_channels=new)).to(next(vae.parameters()).dtype)
+    src, dst = vae.state_dict(), out.state_dict()
+    moments = torch.cat([torch.arange(c), new + torch.arange(c)])  # old (mean, logvar) rows in the new layout
+    for name, tensor in src.items():
+        if name.startswith("encoder.conv_out."):
+            dst[name][moments] = tensor
+        elif name == "quant_conv.weight":
+            w = torch.zeros_like(dst[name])
+            w[moments[:, None], moments[None, :]] = tensor
+            w[c:new, c:new, 0, 0] = torch.eye(new - c)
+            dst[name] = w
+        elif name == "quant_conv.bias":
+            b = torch.zeros_like(dst[name])
+            b[moments] = tensor
+            b[new + c:] = tensor[c:].mean()
+            dst[name] = b
+        elif name == "post_quant_conv.weight":
+            w = torch.zeros_like(dst[name])
+            w[:c, :c] = tensor
+            w[c:, c:, 0, 0] = torch.eye(new - c)
+            dst[name] = w
+        elif name == "post_quant_conv.bias":
+            dst[name] = torch.cat([tensor, tensor.new_zeros(new - c)])
+        elif name == "decoder.conv_in.weight":
+            dst[name] = torch.cat([tensor, tensor.new_zeros(tensor.shape[0], new - c, *tensor.shape[2:])], dim=1)
+        else:
+            dst[name] = tensor
+    out.load_state_dict(dst)
+    return out.train(vae.training)

@@ -168,3 +168,26 @@ def test_bf16_and_channels_last_follow_fp32():
         assert rel_err(twin(x.to(memory_format=torch.channels_last)), ref) < 1e-5
         out = twin.to(torch.bfloat16)(x.bfloat16())
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
+
+
+def test_widen_latent_channels_reconstructs_as_before_and_trains_the_new_channels():
+    from dalle3_fast.models.vae import widen_latent_channels
+
+    torch.manual_seed(3)
+    vae = AutoencoderKL(vae_config("tiny")).eval()
+    for p in vae.parameters():  # a trained-looking VAE: no zero biases
+        p.data.add_(0.05 * torch.randn_like(p))
+    wide = widen_latent_channels(vae, 16)
+    assert wide.config.latent_channels == 16 and vae.config.latent_channels == 4
+    x = torch.rand(3, 3, 24, 40) * 2 - 1
+    with torch.no_grad():
+        old, new = vae.encode(x), wide.encode(x)
+        torch.testing.assert_close(new.mode()[:, :4], old.mode(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(new.logvar[:, :4], old.logvar, rtol=0, atol=1e-6)
+        assert new.mode()[:, 4:].abs().mean() > 1e-3  # the new channels carry something from the start
+        torch.testing.assert_close(wide.decode(new.mode()), vae.decode(old.mode()), rtol=0, atol=1e-5)
+    wide.train()
+    (wide.decode(wide.encode(x).mode()) - x).square().mean().backward()
+    assert wide.decoder.conv_in.weight.grad[:, 4:].abs().sum() > 0  # the decoder can learn to read them
+    with pytest.raises(ValueError, match="narrow"):
+        widen_latent_channels(wide, 8)

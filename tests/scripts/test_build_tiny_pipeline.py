@@ -32,6 +32,9 @@ def test_all_stages_then_the_alt_only_ablation(tmp_path):
     assert "stages vae,data,captioners,recaption,unet,decoder,upsampler,assemble done" in log
     pipe = Dalle3Pipeline.from_pretrained(pipe_dir)
     assert pipe.decoder is not None and pipe.upsampler is not None
+    # the U-Net and the latent decoder are built for the VAE's latent channels
+    assert pipe.vae.config.latent_channels == 4 == pipe.unet.config["in_channels"] == pipe.unet.config["out_channels"]
+    assert pipe.decoder.config.latent_channels == 4
     assert next(pipe.unet.parameters()).dtype == torch.float32  # stored in fp16, computed in fp32
     out = pipe("a red circle above a blue square", steps=2, seed=0)
     assert out.images[0].size == (64, 64)
@@ -69,9 +72,10 @@ def test_alt_only_run_alone_is_assembled_with_its_own_text_encoder_and_a_stopped
 
     work = tmp_path / "work"
     build("--out", str(tmp_path / "alt"), "--work", str(work), "--alt-only", "--stages", "vae,data,unet,assemble",
-          "--ckpt-every", "2")
+          "--ckpt-every", "2", "--vae-latent-channels", "16")
     assert not (work / "unet").exists() and not (work / "captioners" / "export").exists()
     alt = Dalle3Pipeline.from_pretrained(tmp_path / "alt")
+    assert alt.vae.config.latent_channels == 16 == alt.unet.config["in_channels"]  # widened, and the U-Net follows
     own = T5TextEncoder.from_pretrained(work / "unet_alt" / "text_encoder")
     for a, b in zip(alt.text_encoder.parameters(), own.parameters()):
         assert torch.equal(a, b)
@@ -80,13 +84,17 @@ def test_alt_only_run_alone_is_assembled_with_its_own_text_encoder_and_a_stopped
 
     from dalle3_fast.train.checkpoint import list_checkpoints
 
-    checkpoints = list_checkpoints(work / "vae" / "checkpoints")
+    checkpoints = list_checkpoints(work / "vae4" / "checkpoints")
     assert [p.name for p in checkpoints] == ["step_00000006", "step_00000007"]
-    shutil.rmtree(work / "vae" / "final")  # as if stopped at step 6 of 7
+    for run in ("vae4", "vae"):
+        shutil.rmtree(work / run / "final")  # as if stopped at step 6 of 7 of the first run
+    shutil.rmtree(work / "vae")
     shutil.rmtree(checkpoints[-1])
-    log = build("--out", str(tmp_path / "alt"), "--work", str(work), "--stages", "vae", "--ckpt-every", "2")
+    log = build("--out", str(tmp_path / "alt"), "--work", str(work), "--stages", "vae", "--ckpt-every", "2",
+                "--vae-latent-channels", "16")
     assert "resuming from step_00000006" in log and (work / "vae" / "final").is_dir()
-    assert "vae_tiny.json: 7 steps" in log
+    assert "vae_tiny.json: 7 steps" in log and "vae_tiny_widen.json: 2 steps" in log
+    assert json.loads((work / "vae" / "final" / "config.json").read_text())["latent_channels"] == 16
 
 
 def _script():

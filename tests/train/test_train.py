@@ -273,6 +273,30 @@ def test_vae_task_foreground_weighted_mse_and_logvar_reset(tmp_path):
         run_task(tmp_path / "bad", "vae", {"model": "tiny", "recon_loss": "l2"})
 
 
+def test_vae_task_model_config_overrides_the_named_config(tmp_path):
+    from dalle3_fast.models.vae import AutoencoderKL
+
+    summary = run_task(tmp_path, "vae", {"model": "tiny", "model_config": {"latent_channels": 16}})
+    vae = AutoencoderKL.from_pretrained(summary["final"])
+    assert vae.config.latent_channels == 16 and vae.config.block_out_channels == (32, 64, 64, 64)
+    assert vae.encode(torch.zeros(1, 3, 32, 32)).mode().shape == (1, 16, 4, 4)
+    with pytest.raises(ValueError, match="model_config"):
+        run_task(tmp_path / "bad", "vae", {"model": "tiny", "model_config": {"latent_chanels": 16}})
+    with pytest.raises(ValueError, match="only latent_channels"):
+        run_task(tmp_path / "dir", "vae", {"model": summary["final"], "model_config": {"layers_per_block": 2}})
+
+
+def test_vae_task_widens_a_trained_vae_directory(tmp_path, tiny_parts):
+    from dalle3_fast.models.vae import AutoencoderKL
+
+    summary = run_task(tmp_path, "vae", {"model": str(tiny_parts / "vae"), "model_config": {"latent_channels": 16}},
+                       optimizer={"lr": 1e-6})
+    wide = AutoencoderKL.from_pretrained(summary["final"])
+    assert wide.config.latent_channels == 16
+    old = AutoencoderKL.from_pretrained(tiny_parts / "vae")
+    torch.testing.assert_close(wide.encoder.conv_in.weight, old.encoder.conv_in.weight, rtol=0, atol=1e-4)
+
+
 def test_reconstruction_loss_weights_the_foreground():
     from dalle3_fast.train.tasks.vae import foreground_weights, reconstruction_loss
 
@@ -329,6 +353,19 @@ def test_decoder_then_distill_tasks(tmp_path, tiny_parts):
     assert any(k.startswith("target.decoder_unet.") for k in target)
     with pytest.raises(ValueError, match="task_options.teacher is required"):
         run_task(tmp_path / "x", "decoder_distill", opts)
+
+
+def test_decoder_task_model_config_follows_a_16_channel_vae(tmp_path):
+    from dalle3_fast.models.latent_decoder import LatentDecoder
+    from dalle3_fast.models.vae import AutoencoderKL, vae_config
+
+    AutoencoderKL(vae_config("tiny", latent_channels=16)).save_pretrained(tmp_path / "vae16")
+    latents = {"latent_channels": 16, "decoder_in_channels": 19, "latents_mean": [0.0] * 16, "latents_std": [1.0] * 16}
+    summary = run_task(tmp_path, "decoder", {"vae": str(tmp_path / "vae16"), "sample_steps": 2,
+                                             "model_config": latents})
+    assert LatentDecoder.from_pretrained(summary["final"]).config.latent_channels == 16
+    with pytest.raises(ValueError, match="model_config"):
+        run_task(tmp_path / "bad", "decoder", {"vae": str(tmp_path / "vae16"), "model_config": {"latent_chanels": 16}})
 
 
 def test_captioner_task_pretrain_then_finetune(tmp_path):

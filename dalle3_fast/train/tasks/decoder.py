@@ -11,7 +11,7 @@ initialised from it, with an EMA target network, per
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,14 +63,25 @@ class DecoderTask(_DecoderTaskBase):
     @dataclass
     class Options(ImageDataOptions):
         model: str = "tiny"        # a named latent-decoder config (tiny, openai) or a directory to fine-tune
+        # fields of the named config to override, e.g. {"latent_channels": 16, "decoder_in_channels": 19, ...}
+        model_config: dict = field(default_factory=dict)
         vae: str = ""              # the VAE whose latents are decoded (unless the decoder has its own encoder)
         sample_count: int = 4
         sample_steps: int = 20     # DDIM steps for the sample grid
 
     def build_model(self) -> nn.Module:
         o = self.options
-        net = LatentDecoder.from_pretrained(o.model).train() if Path(o.model).is_dir() else \
-            LatentDecoder(latent_decoder_config(o.model))
+        if Path(o.model).is_dir():
+            if o.model_config:
+                raise ValueError(f"task_options.model_config applies to a named config, but model {o.model!r} is a "
+                                 "directory whose config.json fixes the architecture; drop model_config")
+            net = LatentDecoder.from_pretrained(o.model).train()
+        else:
+            try:
+                net = LatentDecoder(latent_decoder_config(o.model, **o.model_config))
+            except TypeError as exc:
+                raise ValueError(f"task_options.model_config {o.model_config}: {exc}; use latent decoder config "
+                                 "fields (latent_channels, decoder_in_channels, latents_mean, ...)") from exc
         self._setup_vae(net)
         return net
 

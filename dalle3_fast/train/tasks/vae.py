@@ -13,7 +13,7 @@ each loss reaches only its own network's parameters.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from dalle3_fast.models.vae import AutoencoderKL, estimate_scaling_factor, vae_config
+from dalle3_fast.models.vae import AutoencoderKL, estimate_scaling_factor, vae_config, widen_latent_channels
 
 from ..task import Task, register_task
 from .image_data import ImageDataOptions, image_batches, to_unit
@@ -77,6 +77,9 @@ class VAETask(Task):
     @dataclass
     class Options(ImageDataOptions):
         model: str = "tiny"                 # a named VAE config (tiny, sd, sdxl) or a model directory to fine-tune
+        # fields of the named config to override, e.g. {"latent_channels": 16, "block_out_channels": [32, 64, 64, 64]};
+        # with a model directory only latent_channels, which widens its latents (widen_latent_channels)
+        model_config: dict = field(default_factory=dict)
         kl_weight: float = 1e-6
         sample_posterior: bool = True
         recon_loss: str = "l1"              # "l1" or "mse+l1"
@@ -95,9 +98,18 @@ class VAETask(Task):
         if o.foreground_weight < 0:
             raise ValueError(f"task_options.foreground_weight must be >= 0, got {o.foreground_weight}")
         if Path(o.model).is_dir():
+            if set(o.model_config) - {"latent_channels"}:
+                raise ValueError(f"task_options.model_config: model {o.model!r} is a directory whose config.json fixes "
+                                 "the architecture; only latent_channels (to widen its latents) may be given")
             vae = AutoencoderKL.from_pretrained(o.model).train()
+            if "latent_channels" in o.model_config:
+                vae = widen_latent_channels(vae, o.model_config["latent_channels"])
         else:
-            vae = AutoencoderKL(vae_config(o.model))
+            try:
+                vae = AutoencoderKL(vae_config(o.model, **o.model_config))
+            except TypeError as exc:
+                raise ValueError(f"task_options.model_config {o.model_config}: {exc}; use AutoencoderKL config "
+                                 "fields (latent_channels, block_out_channels, layers_per_block, ...)") from exc
         if o.logvar_init is not None:
             with torch.no_grad():
                 logvar = slice(vae.config.latent_channels, None)

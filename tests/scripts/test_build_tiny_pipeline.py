@@ -33,7 +33,7 @@ def test_all_stages_then_the_alt_only_ablation(tmp_path):
     pipe = Dalle3Pipeline.from_pretrained(pipe_dir)
     assert pipe.decoder is not None and pipe.upsampler is not None
     # the U-Net and the latent decoder are built for the VAE's latent channels
-    assert pipe.vae.config.latent_channels == 4 == pipe.unet.config["in_channels"] == pipe.unet.config["out_channels"]
+    assert pipe.vae.config.latent_channels == 4 == pipe.unet.config.in_channels == pipe.unet.config.out_channels
     assert pipe.decoder.config.latent_channels == 4
     assert next(pipe.unet.parameters()).dtype == torch.float32  # stored in fp16, computed in fp32
     out = pipe("a red circle above a blue square", steps=2, seed=0)
@@ -75,7 +75,7 @@ def test_alt_only_run_alone_is_assembled_with_its_own_text_encoder_and_a_stopped
           "--ckpt-every", "2", "--vae-latent-channels", "16")
     assert not (work / "unet").exists() and not (work / "captioners" / "export").exists()
     alt = Dalle3Pipeline.from_pretrained(tmp_path / "alt")
-    assert alt.vae.config.latent_channels == 16 == alt.unet.config["in_channels"]  # widened, and the U-Net follows
+    assert alt.vae.config.latent_channels == 16 == alt.unet.config.in_channels  # widened, and the U-Net follows
     own = T5TextEncoder.from_pretrained(work / "unet_alt" / "text_encoder")
     for a, b in zip(alt.text_encoder.parameters(), own.parameters()):
         assert torch.equal(a, b)

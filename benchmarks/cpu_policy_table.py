@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ALLOCATOR = "glibc.malloc.mmap_max=0"
 
 # (net, shape, groups, silu, add): every group_norm_silu call class of the three U-Nets.
@@ -151,8 +153,7 @@ def _paired_ms(run, threads: int, repeats: int) -> dict[str, float]:
 
 def _gn_call(ops, x, w, b, groups, silu, add, backward):
     def run():
-        leaves = [x.detach().requires_grad_(backward), w, b]
-        y = ops.group_norm_silu(leaves[0], w, b, groups, silu=silu, add=add)
+        y = ops.group_norm_silu(x.detach().requires_grad_(backward), w, b, groups, silu=silu, add=add)
         if backward:
             y.backward(torch.ones_like(y))
     return run
@@ -168,8 +169,6 @@ def _attention_call(ops, op, q, k, v, lengths, backward):
 
 
 def measure(args) -> list[dict]:
-    import torch
-    globals()["torch"] = torch
     import dalle3_fast.ops as ops
     from dalle3_fast.ops import cpu_policy
 

@@ -467,8 +467,9 @@ def widen_latent_channels(vae: AutoencoderKL, latent_channels: int) -> Autoencod
     if not (vae.config.use_quant_conv and vae.config.use_post_quant_conv):
         raise ValueError("widen_latent_channels needs quant_conv and post_quant_conv (use_quant_conv, "
                          "use_post_quant_conv true)")
-    torch.manual_seed(0)  # the new encoder rows' initialisation does not depend on the caller's RNG state
-    out = AutoencoderKL(dataclasses.replace(vae.config, latent_channels=new)).to(next(vae.parameters()).dtype)
+    with torch.random.fork_rng(devices=[]):  # the new rows' init is seeded; the caller's RNG state is left alone
+        torch.manual_seed(0)
+        out = AutoencoderKL(dataclasses.replace(vae.config, latent_channels=new)).to(next(vae.parameters()).dtype)
     src, dst = vae.state_dict(), out.state_dict()
     moments = torch.cat([torch.arange(c), new + torch.arange(c)])  # old (mean, logvar) rows in the new layout
     for name, tensor in src.items():

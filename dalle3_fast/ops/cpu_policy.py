@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from dalle3_fast.ops.layout import memory_format
+
 SELF_MAX_QUERIES = 64
 
 
@@ -40,7 +42,8 @@ def prefers_kernel(op: str, *inputs) -> bool:
         x, _num_groups, silu, add, scale, shift = inputs
         modulation = [t for t in (add, scale, shift) if t is not None]
         return group_norm_prefers_kernel(tuple(x.shape), bool(silu), bool(modulation),
-                                         _needs_grad(x, *modulation), _is_channels_last(x), x.dtype)
+                                         _needs_grad(x, *modulation),
+                                         memory_format(x) == torch.channels_last, x.dtype)
     if op in ("attention", "cross_attention"):
         q, k, key_lengths = inputs
         return attention_prefers_kernel(tuple(q.shape), tuple(k.shape), key_lengths is not None, q.dtype,
@@ -50,10 +53,6 @@ def prefers_kernel(op: str, *inputs) -> bool:
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def group_norm_prefers_kernel(shape: tuple[int, ...], silu: bool, modulated: bool, grad: bool = False,

@@ -15,17 +15,28 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
     B, C = x.shape[:2]
     cdt = acc_dtype(x.dtype)
     per_channel = (B, C) + (1,) * (x.dim() - 2)
-    h = x.to(cdt)
+    h = _as(x, cdt)
     if add is not None:
-        h = h + add.to(cdt).view(per_channel)
-    y = F.group_norm(h, num_groups, weight.to(cdt), bias.to(cdt), eps)
+        h = h + _as(add, cdt).view(per_channel)
+    y = F.group_norm(h, num_groups, _as(weight, cdt), _as(bias, cdt), eps)
+    # Outside autograd the epilogue reuses group_norm's fresh output: one buffer instead of up to four,
+    # which at small shapes is most of the cost (each fresh buffer page-faults). Same values either way.
+    inplace = not (torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, add, scale, shift)))
     if scale is not None:
-        y = y * (1 + scale.to(cdt).view(per_channel))
+        s = _as(scale, cdt).view(per_channel)
+        y = y.mul_(1 + s) if inplace else y * (1 + s)
     if shift is not None:
-        y = y + shift.to(cdt).view(per_channel)
+        t = _as(shift, cdt).view(per_channel)
+        y = y.add_(t) if inplace else y + t
     if silu:
-        y = F.silu(y)
-    return y.contiguous(memory_format=memory_format(x)).to(x.dtype)
+        y = F.silu(y, inplace=inplace)
+    return _as(y.contiguous(memory_format=memory_format(x)), x.dtype)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without its Python-side cost (~5 us a call) when it has that dtype already."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def cross_attention(q, k, v, key_lengths=None, *, scale=None):

@@ -22,7 +22,7 @@ from torch import nn
 
 from dalle3_fast.diffusion import (Denoiser, NoiseSchedule, cfg_model_fn, diffusion_loss, initial_noise,
                                    sample_dpmpp_2m, sampling_sigmas)
-from dalle3_fast.io import write_config
+from dalle3_fast.io import CheckpointError, write_config
 from dalle3_fast.models.unet import UNet, pooled_text_embeds, size_time_ids
 
 from ..task import Task, register_task
@@ -111,7 +111,6 @@ class UNetTask(Task):
             text = build_tiny_text_encoder(self.ctx.out_dir / "text_encoder", width, self.ctx.seed, o.tokenizer_vocab,
                                           o.tokenizer_scenes)
         else:
-            from dalle3_fast.io import CheckpointError
             from dalle3_fast.models.text_encoder import T5TextEncoder
             try:
                 text = T5TextEncoder.from_pretrained(o.text_encoder)

@@ -28,12 +28,16 @@ when the command is run again, and an interrupted training stage resumes from it
                    ``oracle-95`` (the world's true DSCs: the ceiling a perfect captioner would reach) and
                    ``alt-only`` (synthetic ratio 0; ``--alt-only`` is the same). The first U-Net run
                    trains a SentencePiece tokenizer on scene-world captions and builds the tiny T5 text
-                   encoder, randomly initialised and frozen; the other variants reuse it when it exists;
+                   encoder, randomly initialised and frozen; the other variants reuse it when it exists.
+                   ``--train-text-encoder`` trains that encoder with the U-Net instead (task option
+                   ``train_text_encoder``): every variant starts from the same shared initial encoder
+                   and trains its own copy, exported to its run's final/text_encoder;
 6. ``decoder``:    the tiny latent diffusion decoder (task ``decoder``), then its 2-step consistency
                    distillation (task ``decoder_distill``);
 7. ``upsampler``:  the local prompt upsampler (a small T5 seq2seq with its own SentencePiece tokenizer,
                    trained on SSC -> DSC caption pairs of the world);
-8. ``assemble``:   Dalle3Pipeline.save_pretrained(--out) with the ``--variant``'s U-Net.
+8. ``assemble``:   Dalle3Pipeline.save_pretrained(--out) with the ``--variant``'s U-Net and its text
+                   encoder: the one the run trained (final/text_encoder) if it did, else the frozen one.
 
 Deterministic: every stage is seeded (model init, data order and captions come from fixed seeds), so
 the same command on the same software gives the same weights up to floating-point summation order.
@@ -88,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
     p.add_argument("--unet-steps", type=int, default=4000,
                    help="U-Net optimizer steps (batch 32; each encoded image batch serves 4 steps)")
+    p.add_argument("--train-text-encoder", action="store_true",
+                   help="train the tiny T5 text encoder jointly with the U-Net instead of keeping it frozen "
+                        "(each variant trains its own copy from the same initial encoder)")
     p.add_argument("--decoder-steps", type=int, default=500, help="latent decoder steps (batch 16)")
     p.add_argument("--distill-steps", type=int, default=20, help="consistency distillation steps (batch 16)")
     p.add_argument("--upsampler-steps", type=int, default=800, help="local upsampler steps (batch 32)")
@@ -309,8 +316,28 @@ def stage_unet(args, work: Path) -> Path:
     out = unet_dir(work, args.variant)
     shared = work / "unet" / "text_encoder"
     if out != work / "unet" and not (out / "text_encoder").is_dir() and (shared / "config.json").is_file():
-        overrides["task_options.text_encoder"] = str(shared)  # the same frozen encoder as the default run
+        overrides["task_options.text_encoder"] = str(shared)  # the same initial encoder as the default run
+    if args.train_text_encoder:
+        overrides["task_options.train_text_encoder"] = True
+    _check_same_text_encoder_training(out, args.train_text_encoder)
     return _run("unet_tiny.json", out, overrides, args)
+
+
+def _trains_text_encoder(run: Path) -> bool:
+    """Whether the U-Net run in ``run`` was started with --train-text-encoder (its build_stage.json says)."""
+    stage = run / "build_stage.json"
+    return stage.is_file() and json.loads(stage.read_text())["set"].get("task_options.train_text_encoder", False)
+
+
+def _check_same_text_encoder_training(out: Path, train: bool) -> None:
+    """A finished or checkpointed U-Net run is reused or resumed only with the flag it was started with."""
+    from dalle3_fast.train.checkpoint import list_checkpoints
+
+    started = (out / "final").is_dir() or bool(list_checkpoints(out / "checkpoints"))
+    if started and _trains_text_encoder(out) != train:
+        was = "with" if _trains_text_encoder(out) else "without"
+        raise BuildError(f"{out} was trained {was} --train-text-encoder; pass the same flags to reuse or resume it, "
+                         "or choose another --work")
 
 
 def stage_decoder(args, work: Path) -> Path:
@@ -354,10 +381,16 @@ def stage_assemble(args, work: Path) -> Path:
     sched = json.loads((unet_run / "final" / "scheduler_config.json").read_text())
     schedule = NoiseSchedule({"squaredcos_cap_v2": "cosine"}.get(sched["beta_schedule"], sched["beta_schedule"]),
                              sched["num_train_timesteps"], sched["beta_start"], sched["beta_end"])
-    # a variant run started before the default run had built its encoder made its own: use the one it trained with
-    text_encoder_dir = unet_run / "text_encoder"
+    text_encoder_dir = unet_run / "final" / "text_encoder"  # the encoder the run trained (--train-text-encoder)
     if not (text_encoder_dir / "config.json").is_file():
-        text_encoder_dir = work / "unet" / "text_encoder"
+        if _trains_text_encoder(unet_run):
+            raise BuildError(f"{unet_run} trained its text encoder but {text_encoder_dir} is missing; delete "
+                             f"{unet_run / 'final'} and run the unet stage again to export it")
+        # frozen: a variant run started before the default run had built its encoder made its own
+        text_encoder_dir = unet_run / "text_encoder"
+        if not (text_encoder_dir / "config.json").is_file():
+            text_encoder_dir = work / "unet" / "text_encoder"
+    print(f"[build] text encoder: {text_encoder_dir}", file=sys.stderr)
     vae_dir = work / "vae" / "final"
     decoder_dir = work / "decoder_distill" / "final"
     upsampler_dir = work / "upsampler"

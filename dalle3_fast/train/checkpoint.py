@@ -3,7 +3,7 @@
 Layout of ``OUT/checkpoints/step_00001000/`` (the directory appears whole or not at all: it is
 written as ``.tmp-step_00001000`` and renamed):
 
-    model.safetensors       trained weights (full, unsharded, fp32)
+    model.safetensors       trained weights (full, unsharded, fp32); a tied weight once, under its first name
     ema.safetensors         EMA weights, same names (when ema_decay > 0)
     optimizer.safetensors   optimizer tensors as "state/<param name>/<key>"
     optimizer.json          param_groups (params by name) and non-tensor per-param state
@@ -94,6 +94,19 @@ def _write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _without_aliases(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` less the second and later names of one tensor (tied weights such as T5's shared /
+    encoder.embed_tokens, which safetensors refuses to write twice); the strict loader restores them."""
+    out, seen = {}, set()
+    for name, t in state.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
     fsync_file(path)
@@ -124,7 +137,7 @@ def write_rank_files(tmp: Path, rank: int, device: torch.device) -> None:
 
 
 def write_main_files(tmp: Path, *, model: dict, ema: dict | None, optimizer: dict, task: dict, state: dict) -> None:
-    _save_tensors(model, tmp / "model.safetensors")
+    _save_tensors(_without_aliases(model), tmp / "model.safetensors")
     if ema is not None:
         _save_tensors(ema, tmp / "ema.safetensors")
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer)

@@ -3,7 +3,12 @@
 Per micro-batch (at load time, seeded by position): each caption is the synthetic one (DSC) with
 probability ``synthetic_ratio`` else the original alt-text, then dropped to "" with probability
 ``caption_drop`` for classifier-free guidance. Images -> frozen VAE latents (scaled); captions ->
-frozen T5 tokens; epsilon- or v-prediction MSE at a uniform timestep, optionally min-SNR weighted.
+T5 tokens; epsilon- or v-prediction MSE at a uniform timestep, optionally min-SNR weighted.
+
+The T5 encoder is frozen, or with ``train_text_encoder`` trained jointly with the U-Net (what small
+text-to-image models do when no pretrained T5 fits): then the trained module is a
+:class:`UNetWithTextEncoder`, so the optimizer, EMA and checkpoints hold the encoder too, sampling
+uses the (EMA) trained encoder, and export writes it to ``final/text_encoder`` beside the U-Net.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from torch import nn
 
 from dalle3_fast.diffusion import (Denoiser, NoiseSchedule, cfg_model_fn, diffusion_loss, initial_noise,
                                    sample_dpmpp_2m, sampling_sigmas)
-from dalle3_fast.io import write_config
+from dalle3_fast.io import CheckpointError, write_config
 from dalle3_fast.models.unet import UNet, pooled_text_embeds, size_time_ids
 
 from ..task import Task, register_task
@@ -26,6 +31,7 @@ from .frozen import freeze, load_frozen_vae
 from .image_data import ImageDataOptions, image_batches, to_unit, world_captions
 
 SCHEDULER_CONFIG = "scheduler_config.json"
+TEXT_ENCODER_DIR = "text_encoder"  # under the export directory, with train_text_encoder
 
 
 def build_tiny_text_encoder(directory: Path, width: int, seed: int, vocab_size: int, scenes: int):
@@ -45,13 +51,29 @@ def build_tiny_text_encoder(directory: Path, width: int, seed: int, vocab_size: 
     return T5TextEncoder.from_pretrained(directory)
 
 
+class UNetWithTextEncoder(nn.Module):
+    """The U-Net and the T5 encoder trained with it. The encoder always runs in eval mode: it trains
+    without dropout (whatever its config's dropout_rate), so the loss sees the function sampling uses."""
+
+    def __init__(self, unet: UNet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.text_encoder.eval()
+        return self
+
+
 @register_task("unet")
 class UNetTask(Task):
     @dataclass
     class Options(ImageDataOptions):
         model: str = "tiny"              # a named U-Net config (tiny, sd15, sdxl, dalle3-t5) or a directory
         vae: str = ""                    # trained VAE directory (required)
-        text_encoder: str = "tiny"       # T5 directory, or "tiny": a new frozen tiny T5 saved to OUT/text_encoder
+        text_encoder: str = "tiny"       # T5 directory, or "tiny": a new random tiny T5 saved to OUT/text_encoder
+        # train that T5 with the U-Net (no dropout) instead of keeping it frozen; export adds final/text_encoder
+        train_text_encoder: bool = False
         tokenizer_vocab: int = 1000      # for text_encoder "tiny"
         tokenizer_scenes: int = 2000     # scene-world scenes whose captions train that tokenizer
         prediction_type: str = "epsilon"  # epsilon | v_prediction
@@ -90,15 +112,24 @@ class UNetTask(Task):
                                           o.tokenizer_scenes)
         else:
             from dalle3_fast.models.text_encoder import T5TextEncoder
-            text = T5TextEncoder.from_pretrained(o.text_encoder)
+            try:
+                text = T5TextEncoder.from_pretrained(o.text_encoder)
+            except CheckpointError as exc:
+                raise CheckpointError(f"task_options.text_encoder={o.text_encoder!r} cannot be loaded: {exc}") from exc
         if text.hidden_size != width:
             raise ValueError(f"task_options.text_encoder gives {text.hidden_size}-wide tokens but the U-Net "
                              f"cross-attends to {width}; pick a matching pair")
-        self.text_encoder = freeze(text.to(self.ctx.device))
+        if o.train_text_encoder:
+            self.text_encoder = None  # it lives in the trained module
+            text.requires_grad_(True)
+            model = UNetWithTextEncoder(unet, text).train()
+        else:
+            self.text_encoder = freeze(text.to(self.ctx.device))
+            model = unet
         self.schedule = NoiseSchedule(o.beta_schedule, o.num_train_timesteps, o.beta_start, o.beta_end)
         self._micro = unet.size_conditioned
         self._posterior = (None, None)  # (image batch number, its VAE posterior)
-        return unet
+        return model
 
     def batches(self, batch_size, rank, world_size, start):
         o = self.options
@@ -112,10 +143,19 @@ class UNetTask(Task):
                                           drop=o.caption_drop)
                 yield {**batch, "captions": captions, "image_batch": i}
 
-    def _encode_text(self, captions: list[str]):
-        with torch.no_grad():
-            tokens, lengths = self.text_encoder.encode(captions)
-        return tokens, lengths
+    def _parts(self, model: nn.Module):
+        """(U-Net, text encoder) of the trained module."""
+        if isinstance(model, UNetWithTextEncoder):
+            return model.unet, model.text_encoder
+        return model, self.text_encoder
+
+    def _encode_text(self, text_encoder, captions: list[str]):
+        """Token embeddings and lengths; with gradients when the encoder trains (and grad mode is on)."""
+        if not self.options.train_text_encoder:
+            with torch.no_grad():
+                return text_encoder.encode(captions)
+        batch = text_encoder.tokenize(captions).to(text_encoder.device)
+        return text_encoder(batch.ids, batch.lengths)
 
     def _net_fn(self, unet: UNet, image_hw: tuple[int, int]):
         def fn(x_t, t, context, lengths):
@@ -127,7 +167,8 @@ class UNetTask(Task):
             return unet(x_t, t, encoder_hidden_states=context, encoder_lengths=lengths, **extra)
         return fn
 
-    def loss(self, unet: UNet, batch):
+    def loss(self, model: nn.Module, batch):
+        unet, text_encoder = self._parts(model)
         images = batch["image"]
         number, posterior = self._posterior
         if posterior is None or number != batch["image_batch"]:  # encode once per image batch (latent_reuse)
@@ -135,7 +176,7 @@ class UNetTask(Task):
                 posterior = self.vae.encode(images)
             self._posterior = (batch["image_batch"], posterior)
         latents = self.vae.scale_latents(posterior.sample())
-        context, lengths = self._encode_text(batch["captions"])
+        context, lengths = self._encode_text(text_encoder, batch["captions"])
         o = self.options
         loss = diffusion_loss(self._net_fn(unet, tuple(images.shape[-2:])), self.schedule, latents,
                               prediction_type=o.prediction_type, cond={"context": context, "lengths": lengths},
@@ -143,9 +184,10 @@ class UNetTask(Task):
         return loss, {}
 
     @torch.no_grad()
-    def sample(self, unet: UNet, step):
+    def sample(self, model: nn.Module, step):
         o = self.options
-        unet.eval()
+        model.eval()
+        unet, text_encoder = self._parts(model)
         prompts = list(o.sample_prompts)
         if not prompts:
             held_out = next(image_batches(o, o.sample_count, 0, 1, 10_000_000, 8))
@@ -155,14 +197,17 @@ class UNetTask(Task):
         shape = (len(prompts), unet.in_channels, size[1] // f, size[0] // f)
         sigmas = sampling_sigmas(self.schedule, o.sample_steps)
         x = initial_noise(shape, sigmas[0], generator=torch.Generator().manual_seed(0), device=self.ctx.device)
-        context, lengths = self._encode_text(prompts)
-        empty, empty_lengths = self._encode_text([""] * len(prompts))
+        context, lengths = self._encode_text(text_encoder, prompts)
+        empty, empty_lengths = self._encode_text(text_encoder, [""] * len(prompts))
         denoiser = Denoiser(self._net_fn(unet, (size[1], size[0])), self.schedule, o.prediction_type)
         model_fn = cfg_model_fn(denoiser, {"context": context, "lengths": lengths},
                                 {"context": empty, "lengths": empty_lengths}, o.guidance_scale)
         latents = sample_dpmpp_2m(model_fn, x, sigmas)
         return to_unit(self.vae.decode(self.vae.unscale_latents(latents)))
 
-    def export(self, unet: UNet, directory: Path):
+    def export(self, model: nn.Module, directory: Path):
+        unet, text_encoder = self._parts(model)
+        if self.options.train_text_encoder:  # first: a directory holding the U-Net is a whole export
+            text_encoder.save_pretrained(Path(directory) / TEXT_ENCODER_DIR)
         unet.save_pretrained(directory)
         write_config(self.schedule.to_diffusers_config(self.options.prediction_type), directory, SCHEDULER_CONFIG)

@@ -9,7 +9,9 @@ scene graph, which ``compare`` checks against the image's true graph, attribute 
 colour, binding (colour on the right shape), size, count, position (the stated left/right/above/below
 relations), background, word (the text rendered in the image; ``None`` == ``None`` on images without
 text, so ``word_in_image`` also reports it on the images that have one) and ``all`` (exact match: every
-attribute holds).
+attribute holds). ``direction`` isolates the spatial judgement inside "position": of the stated relations
+whose predicate and two objects match a true relation, the fraction pointing the right way (0.5 is chance;
+pooled over all images, so it is absent when no such relation was stated).
 
 A caption from which the parser reads no object at all (alt-text style such as "clipart dot", or
 nonsense) is a *parse failure*: every attribute counts as a miss for it, and its rate is reported.
@@ -29,7 +31,7 @@ from pathlib import Path
 ATTRIBUTES = ("shape", "colour", "binding", "size", "count", "position", "background", "word", "word_in_image", "all")
 TABLE_COLUMNS = (("shape", "shape"), ("colour", "colour"), ("count", "count"), ("relation", "position"),
                  ("word (text images)", "word_in_image"), ("background", "background"), ("exact", "all"),
-                 ("parse fail", "parse_failures"))
+                 ("direction", "direction"), ("parse fail", "parse_failures"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -83,12 +85,14 @@ def held_out(seed: int, n: int, size: int):
 
 def score_captions(captions: list[str], graphs) -> dict:
     """Accuracy per attribute of ``captions`` against ``graphs``, parse failures counted as misses."""
-    from dalle3_fast.data.world import accuracy, compare, parse_caption
+    from dalle3_fast.data.world import accuracy, compare, parse_caption, relation_directions
 
-    results, failures = [], 0
+    results, failures, right, wrong = [], 0, 0, 0
     for text, truth in zip(captions, graphs):
         parsed = parse_caption(text)
         result = compare(parsed, truth)
+        r, w = relation_directions(parsed, truth)
+        right, wrong = right + r, wrong + w
         if not parsed.objects and truth.objects:
             failures += 1
             result = {k: False for k in result}
@@ -96,8 +100,10 @@ def score_captions(captions: list[str], graphs) -> dict:
             result["word_in_image"] = result["word"]
         results.append(result)
     acc = accuracy(results)
-    return {"accuracy": {k: round(acc[k], 4) for k in ATTRIBUTES if k in acc},
-            "parse_failures": round(failures / len(captions), 4)}
+    if right + wrong:
+        acc["direction"] = right / (right + wrong)
+    return {"accuracy": {k: round(acc[k], 4) for k in (*ATTRIBUTES, "direction") if k in acc},
+            "parse_failures": round(failures / len(captions), 4), "directed_relations": right + wrong}
 
 
 def caption_all(model, images, batch_size: int, method: str, num_beams: int, max_tokens) -> list[str]:
@@ -118,7 +124,7 @@ def markdown_table(results: dict) -> str:
     for name, r in results.items():
         cells = [r["parse_failures"] if key == "parse_failures" else r["accuracy"].get(key, float("nan"))
                  for _, key in TABLE_COLUMNS]
-        rows.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+        rows.append(f"| {name} | " + " | ".join("-" if c != c else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(rows)
 
 

@@ -10,8 +10,8 @@ from PIL import ImageFilter
 
 from dalle3_fast.data.shards import iter_samples
 from dalle3_fast.data.world import (SHAPES, GroupKey, Relation, SceneGraph, SceneObject, accuracy, alt_text, captions,
-                                    compare, detect, dsc, generate, parse_caption, prompt_cases, realize, render,
-                                    sample_scene, ssc, world_sample)
+                                    compare, detect, dsc, generate, parse_caption, prompt_cases, realize,
+                                    relation_directions, render, sample_scene, ssc, world_sample)
 from dalle3_fast.data.world import font
 from dalle3_fast.data.world.__main__ import main as world_main
 from dalle3_fast.data.world.captions import PREDICATE_PHRASES
@@ -260,3 +260,19 @@ def test_cli_writes_deterministic_resumable_shards(tmp_path):
     assert world_main(["--out", str(a), "--n", "30", "--shard-size", "12", "--workers", "1"]) == 0
     assert (a / "000001.tar").read_bytes() == original and not list(a.glob("*.tmp"))
     assert world_main(["--out", str(a), "--n", "31", "--shard-size", "12"]) == 2  # different run, same dir
+
+
+def test_relation_directions_separate_the_direction_from_naming_the_objects():
+    red, blue = GroupKey("large", "red", "circle"), GroupKey("small", "blue", "square")
+    truth = SceneGraph((SceneObject("circle", "red", "large", 10, 32, 9), SceneObject("square", "blue", "small", 53, 32, 5)),
+                       "white", None, None, (Relation(red, LEFT_OF, blue),), 64, 64)
+    stated = lambda *relations: SceneGraph(truth.objects, "white", None, None, relations)  # noqa: E731 (no positions)
+    assert relation_directions(stated(Relation(red, LEFT_OF, blue)), truth) == (1, 0)
+    backwards = stated(Relation(blue, LEFT_OF, red))
+    assert relation_directions(backwards, truth) == (0, 1)
+    assert compare(backwards, truth)["position"] is False
+    # another predicate or another object is not a judgement of this relation's direction
+    assert relation_directions(stated(Relation(red, ABOVE, blue)), truth) == (0, 0)
+    assert relation_directions(stated(Relation(red, LEFT_OF, GroupKey("small", "green", "square"))), truth) == (0, 0)
+    # the detector's graph carries pixel positions: its relations come from them
+    assert relation_directions(truth, truth) == (1, 0)

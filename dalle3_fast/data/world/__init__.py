@@ -8,7 +8,7 @@ parser, a pixel detector and per-attribute comparison. ``python -m dalle3_fast.d
     realize(parse_caption("two red circles above a blue star"))   # a placed scene showing a prompt
 """
 from .captions import alt_text, captions, dsc, ssc
-from .compare import accuracy, compare
+from .compare import accuracy, compare, relation_directions
 from .detector import detect
 from .graph import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, WORD_POSITIONS, Group, GroupKey, Relation,
                     SceneGraph, SceneObject)
@@ -18,5 +18,5 @@ from .scene import WORDS, generate, realize, render, sample_scene, scene_seed
 from .samples import world_sample
 
 __all__ = ["generate", "realize", "render", "sample_scene", "scene_seed", "world_sample", "captions", "alt_text", "ssc", "dsc",
-           "parse_caption", "prompt_cases", "PromptCase", "CATEGORIES", "detect", "compare", "accuracy", "SceneGraph", "SceneObject", "Group", "GroupKey",
+           "parse_caption", "prompt_cases", "PromptCase", "CATEGORIES", "detect", "compare", "accuracy", "relation_directions", "SceneGraph", "SceneObject", "Group", "GroupKey",
            "Relation", "SHAPES", "SIZES", "OBJECT_COLOURS", "BACKGROUND_COLOURS", "WORD_POSITIONS", "WORDS"]

@@ -66,3 +66,19 @@ def accuracy(results: list[dict[str, bool]]) -> dict[str, float]:
             totals[k] += 1
             hits[k] += bool(v)
     return {k: hits[k] / totals[k] for k in totals}
+
+
+def relation_directions(predicted: SceneGraph, true: SceneGraph) -> tuple[int, int]:
+    """(right, wrong): predicted relations whose predicate and two objects match a true relation, split
+    by whether they point the same way. "position" needs every object named exactly as well; this
+    isolates the spatial judgement, where 50 % right is chance."""
+    right = wrong = 0
+    for p in predicted.all_relations():
+        for r in true.relations:
+            if p.predicate != r.predicate:
+                continue
+            if _matches(r.subject, p.subject) and _matches(r.object, p.object):
+                right += 1
+            elif _matches(r.subject, p.object) and _matches(r.object, p.subject):
+                wrong += 1
+    return right, wrong

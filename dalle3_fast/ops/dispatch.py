@@ -110,20 +110,21 @@ def resolve(op: str, device, inputs: tuple = ()) -> str:
     take the plain-PyTorch path at the shapes where that is faster than our kernel.
     """
     name = forced_backend()
+    kind = device.type  # read once: each read builds the string again (~1 us on this hot path)
     if name is not None:
-        if name in ("cuda",) and device.type != "cuda":
+        if name in ("cuda",) and kind != "cuda":
             raise RuntimeError(f"{op}: backend 'cuda' was forced but the tensors are on {device}; move them to a GPU")
-        if name == "cpu" and device.type != "cpu":
+        if name == "cpu" and kind != "cpu":
             raise RuntimeError(f"{op}: backend 'cpu' was forced but the tensors are on {device}; use .cpu() or another backend")
-        if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if name == "triton" and kind != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
         return name
-    if device.type == "cuda":
+    if kind == "cuda":
         live = _live_backends()
         for candidate in _CUDA_PREFERENCE[op]:
             if candidate in live:
                 return candidate
-    elif device.type == "cpu" and _native.has_cpu_kernels():
+    elif kind == "cpu" and _native.has_cpu_kernels():
         # Where PyTorch's own path beats our kernel (small tiles, dense self-attention) the
         # reference (eager GroupNorm, SDPA) is the faster choice, not a fallback.
         return "cpu" if cpu_policy.prefers_kernel(op, *inputs) else "reference"

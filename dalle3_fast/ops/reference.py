@@ -54,9 +54,9 @@ def cross_attention(q, k, v, key_lengths=None, *, scale=None):
         # Padding may hold anything (NaN, inf): replace it before any product reads it, so it
         # reaches neither the output nor the gradients (which are zero there).
         k, v = (t.masked_fill(~valid[:, :, None, None], 0) for t in (k, v))
-    qh, kh, vh = (t.to(cdt).transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+    qh, kh, vh = (_as(t, cdt).transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
     if cdt != torch.float64:
-        return _sdpa(qh, kh, vh, key_lengths, scale).transpose(1, 2).to(q.dtype)
+        return _as(_sdpa(qh, kh, vh, key_lengths, scale).transpose(1, 2), q.dtype)
     s = torch.matmul(qh, kh.transpose(-1, -2)) * scale
     if key_lengths is None:
         p = torch.softmax(s, dim=-1)
@@ -67,7 +67,7 @@ def cross_attention(q, k, v, key_lengths=None, *, scale=None):
         s = s.masked_fill((key_lengths == 0).to(q.device).view(-1, 1, 1, 1), 0.0)
         p = torch.softmax(s, dim=-1) * mask
     out = torch.matmul(p, vh)
-    return out.transpose(1, 2).to(q.dtype)
+    return _as(out.transpose(1, 2), q.dtype)
 
 
 def _sdpa(qh, kh, vh, key_lengths, scale):

@@ -121,6 +121,37 @@ def test_loss_weights_and_pad_tokens_ignored(tokenizer):
     torch.testing.assert_close(out2, out)
 
 
+def test_token_weights_weigh_each_target_of_the_caption_loss(tokenizer):
+    from dalle3_fast.models.captioner.loss import caption_loss
+
+    g = torch.Generator().manual_seed(3)
+    V, lengths = tokenizer.vocab_size, torch.tensor([7, 4])
+    ids = torch.randint(4, V, (2, 7), generator=g)
+    logits = torch.randn(2, 6, V, generator=g, dtype=torch.float64)
+    weights = torch.rand(V, generator=g, dtype=torch.float64) + 0.5
+    per_target, total = [], 0.0
+    for b in range(2):
+        for t in range(int(lengths[b]) - 1):  # target ids[b, t + 1], the rest is padding
+            w = weights[ids[b, t + 1]]
+            per_target.append(-w * torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]])
+            total += w
+    torch.testing.assert_close(caption_loss(logits, ids, lengths, weights), (torch.stack(per_target).sum() / total).float())
+    torch.testing.assert_close(caption_loss(logits, ids, lengths, torch.ones(V, dtype=torch.float64)),
+                               caption_loss(logits, ids, lengths))
+
+    model = make_model(tokenizer)
+    batch = model.tokenize(captions(3, seed=2))
+    with torch.no_grad():
+        plain = model(images(3), batch.ids, batch.lengths)
+        above = torch.ones(V)
+        above[tokenizer.encode(["above"], add_eos=False).ids[0, 0]] = 10.0
+        weighted = model(images(3), batch.ids, batch.lengths, token_weights=above)
+    assert weighted["caption"] != plain["caption"]
+    torch.testing.assert_close(weighted["contrastive"], plain["contrastive"])
+    with pytest.raises(ValueError, match="token_weights"):
+        model(images(3), batch.ids, batch.lengths, token_weights=torch.ones(V + 1))
+
+
 @pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
 def test_kv_cache_equals_full_recomputation(tokenizer, method):
     model = make_model(tokenizer, seed=3, dtype=torch.float64)

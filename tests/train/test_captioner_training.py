@@ -88,3 +88,27 @@ def test_export_names_the_missing_stage(tmp_path):
         train_captioners.main(["--work", str(tmp_path), "--stages", "export"])
     with pytest.raises(SystemExit, match="no DSC captioner at .*; run the dsc stage first"):
         train_captioners.main(["--work", str(tmp_path), "--stages", "ssc"])
+
+
+def test_caption_word_weights_reach_the_loss(tmp_path, one_thread):
+    from dalle3_fast.train.task import TaskContext
+    from dalle3_fast.train.tasks import build_task
+
+    ctx = TaskContext(seed=0, device=torch.device("cpu"), rank=0, world_size=1, activation_checkpointing=False,
+                      out_dir=tmp_path, precision="fp32")
+    options = json.loads((REPO / "configs" / "captioner_world_dsc.json").read_text())["task_options"]
+    options = {**options, "tokenizer_scenes": 100}
+    task = build_task("captioner", {**options, "caption_word_weights": {"left": 5, "above": 3}}, ctx)
+    model = task.build_model()
+    w = task._token_weights
+    left, above = (int(task.tokenizer.encode([word], add_eos=False).ids[0, 0]) for word in ("left", "above"))
+    assert w[left] == 5 and w[above] == 3 and int((w != 1).sum()) == 2
+    batch = next(task.batches(4, 0, 1, 0))
+    with torch.no_grad():
+        weighted = task.loss(model, batch)[0]
+        task._token_weights = None
+        assert task.loss(model, batch)[0] != weighted
+
+    unknown = build_task("captioner", {**options, "caption_word_weights": {"zzxqj": 2}}, ctx)
+    with pytest.raises(ValueError, match="caption_word_weights.*zzxqj"):
+        unknown.build_model()

@@ -53,13 +53,17 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     return 0.5 * (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels))
 
 
-def caption_loss(logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def caption_loss(logits: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor,
+                 token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of predicting token t+1 from tokens <= t; positions past ``lengths`` (pads) are ignored.
 
-    logits (B, T, V) from inputs ``token_ids[:, :T]``; targets are ``token_ids[:, 1:T+1]``.
+    logits (B, T, V) from inputs ``token_ids[:, :T]``; targets are ``token_ids[:, 1:T+1]``. With
+    ``token_weights`` (V,) each target counts with its token's weight (a weighted mean over the targets).
     """
     T = logits.shape[1]
     targets = token_ids[:, 1:T + 1]
     valid = torch.arange(1, T + 1, device=token_ids.device)[None, :] < lengths[:, None].to(token_ids.device)
     targets = targets.masked_fill(~valid, -100)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    weight = None if token_weights is None else token_weights.to(device=logits.device, dtype=torch.float32)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), weight=weight,
+                           ignore_index=-100)

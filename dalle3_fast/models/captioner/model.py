@@ -181,9 +181,10 @@ class CoCa(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
-                pad_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                pad_mask: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The CoCa loss. images (B, 3, S, S) in [-1, 1]; token_ids (B, T) BOS ... EOS right-padded, with
-        ``lengths`` (B,) or ``pad_mask`` (B, T, True at pads).
+        ``lengths`` (B,) or ``pad_mask`` (B, T, True at pads); ``token_weights`` (vocab_size,) weighs each
+        target token in the captioning loss (default: all 1).
 
         Returns dict(loss, contrastive, caption, logit_scale); loss = contrastive_weight * contrastive +
         caption_weight * caption.
@@ -197,14 +198,17 @@ class CoCa(nn.Module):
         logits = self.multimodal(hidden[:, :-1], self.multimodal.image_kv(image_tokens))
         scale = self.logit_scale.clamp(max=self.config.max_logit_scale).exp()
         contrastive = contrastive_loss(F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1), scale)
-        caption = caption_loss(logits, token_ids, lengths)
+        if token_weights is not None and token_weights.shape != (self.config.vocab_size,):
+            raise ValueError(f"CoCa: `token_weights` must be ({self.config.vocab_size},), one per vocabulary entry; "
+                             f"got {tuple(token_weights.shape)}")
+        caption = caption_loss(logits, token_ids, lengths, token_weights)
         loss = self.config.contrastive_weight * contrastive + self.config.caption_weight * caption
         return {"loss": loss, "contrastive": contrastive.detach(), "caption": caption.detach(),
                 "logit_scale": scale.detach()}
 
-    def loss(self, images, token_ids, lengths=None, *, pad_mask=None) -> dict[str, torch.Tensor]:
+    def loss(self, images, token_ids, lengths=None, *, pad_mask=None, token_weights=None) -> dict[str, torch.Tensor]:
         """Same as calling the model (use the call, not this, under DistributedDataParallel)."""
-        return self(images, token_ids, lengths, pad_mask=pad_mask)
+        return self(images, token_ids, lengths, pad_mask=pad_mask, token_weights=token_weights)
 
     # ------------------------------------------------------------------ embeddings and scoring
 

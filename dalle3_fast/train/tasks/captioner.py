@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from dalle3_fast.models.captioner import CoCa, CoCaConfig
@@ -30,6 +31,9 @@ class CaptionerTask(Task):
         caption_key: str = "alt"      # alt | ssc | dsc: which caption of each record is the target
         sample_count: int = 4
         sample_tokens: int = 40       # longest caption generated for the sample log
+        # caption-loss weight of the tokens of these words (the rest weigh 1), e.g. {"left": 5, "above": 5}: rare
+        # words that decide a caption's truth (spatial relations) get more of the gradient
+        caption_word_weights: dict = field(default_factory=dict)
 
     def build_model(self) -> nn.Module:
         o = self.options
@@ -46,7 +50,23 @@ class CaptionerTask(Task):
         if self.ctx.activation_checkpointing:
             raise ValueError("activation_checkpointing: the CoCa captioner has no checkpointing switch; set it false")
         self.tokenizer, self._max_len = model.tokenizer, model.config.max_text_len
+        self._token_weights = self._word_weights(model.config.vocab_size)
         return model
+
+    def _word_weights(self, vocab_size: int) -> torch.Tensor | None:
+        words = self.options.caption_word_weights
+        if not words:
+            return None
+        weights = torch.ones(vocab_size)
+        for word, w in words.items():
+            if not isinstance(w, (int, float)) or w < 0:
+                raise ValueError(f"task_options.caption_word_weights[{word!r}] must be a number >= 0, got {w!r}")
+            ids = self.tokenizer.encode([word], max_length=self._max_len, add_bos=False, add_eos=False)
+            ids = ids.ids[0, :int(ids.lengths[0])].tolist()
+            if not ids or getattr(self.tokenizer, "unk_id", None) in ids:
+                raise ValueError(f"task_options.caption_word_weights: {word!r} is not in the captioner's vocabulary")
+            weights[ids] = float(w)
+        return weights
 
     def _world_tokenizer(self) -> Path:
         """Train a tokenizer on scene-world captions once (rank 0), saved to OUT/tokenizer."""
@@ -75,7 +95,7 @@ class CaptionerTask(Task):
             yield {"image": batch["image"], "ids": tokens.ids, "lengths": tokens.lengths}
 
     def loss(self, model: CoCa, batch):
-        out = model(batch["image"], batch["ids"], batch["lengths"])
+        out = model(batch["image"], batch["ids"], batch["lengths"], token_weights=self._token_weights)
         return out["loss"], {"contrastive": out["contrastive"], "caption": out["caption"]}
 
     def sample(self, model: CoCa, step):

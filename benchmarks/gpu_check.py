@@ -1,6 +1,6 @@
 """One prepared GPU verification run: build, check, sanitize and time dalle3_fast on an NVIDIA GPU.
 
-    python benchmarks/gpu_check.py [--out FILE] [--budget-s 480]      # make gpu-check
+    python benchmarks/gpu_check.py [--out FILE] [--budget-s 540]      # make gpu-check
     python benchmarks/gpu_check.py --dry-run --out /tmp/check.json     # CPU: the plumbing only
 
 Stages, in this order, each in child processes with its own time budget (a stage that finishes
@@ -16,8 +16,9 @@ early passes its spare time on), the JSON rewritten after each so a stopped run 
              and bf16, 1 thread (thread CPU time) then 2 (wall); rows with the ISA and thread count; reported only
 
 The run fails (exit 1) when a build, test, spot-check or sanitizer check fails, times out or could not run,
-or a benchmark child crashes; performance goals are reported beside the figures, never failing. The tree is put first on PYTHONPATH,
-so it runs without installing the package (diffusers, webdataset, fastapi may be missing).
+or a benchmark child crashes; performance goals are reported beside the figures, never failing. The tree
+is put first on PYTHONPATH, so it runs without installing the package (diffusers, webdataset, fastapi may
+be missing).
 With --dry-run every stage runs with CPU stand-ins: the build prints its command, the tests run a
 tiny selection, the sanitizer prints its commands and runs each snippet on the CPU backend, and
 the benchmarks run every function at tiny shapes once; the cpu stage runs at the tiny U-Net's shapes

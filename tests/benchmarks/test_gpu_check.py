@@ -32,7 +32,7 @@ def run_script(*args, timeout=240):
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One whole dry run (about 40 s of CPU: five child processes, tiny models traced by torch.compile)."""
+    """One whole dry run (about 50 s of CPU: six child processes, tiny models traced by torch.compile)."""
     out = tmp_path_factory.mktemp("gpu_check") / "dry.json"
     proc = run_script("--dry-run", "--out", str(out))
     return proc, out

@@ -338,7 +338,7 @@ class Run:
                 "torch_cpu_capability": cpu_isa.torch_cpu_capability()}
         if not info["avx512f"] and not self.args.dry_run:
             return {**host, "status": "skip",
-                    "note": f"the host CPU has no AVX-512 ({host['isa']}); AVX2 is covered by CI's machine class"}
+                    "note": f"the host CPU shows no AVX-512 ({host['isa']}); AVX2 is covered by CI's machine class"}
         deadline = time.time() + budget - 5
         cmd = self.python(str(BENCH_DIR / "gpu_check_cpu.py"), "--rows", str(self.rows_path),
                           "--deadline", f"{deadline:.0f}")
@@ -357,6 +357,8 @@ class Run:
             note += f"; {st['note']}"
         elif st["unreached"]:
             note += f"; {len(st['unreached'])} shapes not reached in the budget"
+        if info["avx512f"] and not host["torch_cpu_capability"].startswith("AVX512"):
+            note += f"; the eager peers ran torch's {host['torch_cpu_capability']} kernels, not AVX-512 ones"
         st["note"] = note
         return st
 

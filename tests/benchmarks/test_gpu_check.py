@@ -298,7 +298,7 @@ def test_cpu_stage_skips_a_host_without_avx512(gpu_check, tmp_path, monkeypatch)
     monkeypatch.setattr(run, "_rows_stage", lambda *a: pytest.fail("no child may start on an AVX2 host"))
     st = run.cpu(60)
     assert st["status"] == "skip" and st["isa"] == "no AVX512F, AVX2, FMA"
-    assert "no AVX-512" in st["note"] and "AVX2 is covered by CI" in st["note"]
+    assert "shows no AVX-512" in st["note"] and "AVX2 is covered by CI" in st["note"]
     assert gpu_check.report.failed_checks({"cpu": st}) == []
 
 
@@ -307,6 +307,7 @@ def test_cpu_stage_on_an_avx512_host_times_the_full_shapes(gpu_check, tmp_path, 
     built from its rows; the child itself is stood in for."""
     avx512 = {"model": "Some AVX-512 CPU", "logical_cpus": 16, "avx512f": True, "avx2": True, "fma": True}
     monkeypatch.setattr(gpu_check.cpu_isa, "cpu_info", lambda: avx512)
+    monkeypatch.setattr(gpu_check.cpu_isa, "torch_cpu_capability", lambda: "AVX512")
     run = _run_obj(gpu_check, tmp_path)
     seen = {}
 
@@ -333,6 +334,8 @@ def test_cpu_stage_on_an_avx512_host_times_the_full_shapes(gpu_check, tmp_path, 
     lines = gpu_check.report.cpu_lines(st)
     assert "Some AVX-512 CPU: AVX512F, AVX2, FMA" in lines[0] and lines[0].endswith("1 not timed")
     assert "  BELOW group_norm_silu b: 0.80x" in lines and any(ln.startswith("  NOT TIMED") for ln in lines)
+    monkeypatch.setattr(gpu_check.cpu_isa, "torch_cpu_capability", lambda: "AVX2")  # e.g. ATEN_CPU_CAPABILITY=avx2
+    assert run.cpu(80)["note"].endswith("; the eager peers ran torch's AVX2 kernels, not AVX-512 ones")
 
 
 def test_cpu_stage_child_reuses_run_py_shapes():

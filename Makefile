@@ -37,7 +37,8 @@ demo: install
 bench: install
 	$(PY) benchmarks/run.py --suite ops
 
-# On a GPU machine: build for its arch, test, sanitize and time (benchmarks/gpu_check.py; README "GPU check").
+# On a GPU machine: build for its arch, test, sanitize and time, and on an AVX-512 host CPU time the CPU ops
+# (benchmarks/gpu_check.py; README "GPU check").
 # It runs from the tree without installing; with no project venv it uses python3 (the CUDA torch there).
 # Flags through GPU_CHECK_ARGS, e.g. make gpu-check GPU_CHECK_ARGS="--skip-build --stages bench".
 gpu-check:

@@ -1,6 +1,6 @@
 """One prepared GPU verification run: build, check, sanitize and time dalle3_fast on an NVIDIA GPU.
 
-    python benchmarks/gpu_check.py [--out FILE] [--budget-s 480]      # make gpu-check
+    python benchmarks/gpu_check.py [--out FILE] [--budget-s 540]      # make gpu-check
     python benchmarks/gpu_check.py --dry-run --out /tmp/check.json     # CPU: the plumbing only
 
 Stages, in this order, each in child processes with its own time budget (a stage that finishes
@@ -11,13 +11,18 @@ early passes its spare time on), the JSON rewritten after each so a stopped run 
   tests      pytest -m gpu, then the op test files (on a GPU they run the cuda and triton backends on CUDA)
   sanitizer  compute-sanitizer --tool memcheck on a small run of each CUDA kernel, forward and backward
   bench      ops vs eager, torch.compile and SDPA's backends (bf16), an SD1.5-sized U-Net step, the 2-step decoder
+  cpu        on an AVX-512 host CPU only (the dev and CI machines are AVX2): our CPU ops, the dispatcher's default
+             path, vs eager GroupNorm+SiLU and SDPA at the tiny U-Net's and SD1.5's shapes (then SDXL's), fp32
+             and bf16, 1 thread (thread CPU time) then 2 (wall); rows with the ISA and thread count; reported only
 
-The run fails (exit 1) when a build, test, spot-check or sanitizer check fails, times out or could not run;
-performance goals are reported beside the figures, never failing. The tree is put first on PYTHONPATH,
-so it runs without installing the package (diffusers, webdataset, fastapi may be missing).
+The run fails (exit 1) when a build, test, spot-check or sanitizer check fails, times out or could not run,
+or a benchmark child crashes; performance goals are reported beside the figures, never failing. The tree
+is put first on PYTHONPATH, so it runs without installing the package (diffusers, webdataset, fastapi may
+be missing).
 With --dry-run every stage runs with CPU stand-ins: the build prints its command, the tests run a
 tiny selection, the sanitizer prints its commands and runs each snippet on the CPU backend, and
-the benchmarks run every function at tiny shapes once.
+the benchmarks run every function at tiny shapes once; the cpu stage runs at the tiny U-Net's shapes
+whatever the ISA (its rows say which).
 """
 from __future__ import annotations
 
@@ -36,12 +41,14 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cpu_isa  # noqa: E402
 import gpu_check_report as report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
-# Nominal seconds per stage for the 480 s default (build ~3 min, tests ~2, sanitizer ~1, benchmarks ~2).
-SHARES = {"build": 170, "spot": 25, "tests": 110, "sanitizer": 55, "bench": 120}
+# Nominal seconds per stage for the 540 s default (build ~3 min, tests ~2, sanitizer ~1, benchmarks ~2, CPU ops
+# ~1; the cpu stage also gets whatever the stages before it left unused). The device's commands may run 600 s.
+SHARES = {"build": 170, "spot": 25, "tests": 110, "sanitizer": 55, "bench": 120, "cpu": 60}
 DEFAULT_BUDGET_S = sum(SHARES.values())
 MIN_STAGE_S = 10  # a stage with less left than this is not started
 # The op test files: on a GPU their backend fixtures run cuda and triton on CUDA tensors.
@@ -323,6 +330,37 @@ class Run:
         if self.args.dry_run:
             cmd += ["--tiny"]
         return self._rows_stage("bench", cmd, budget)
+
+    def cpu(self, budget: float) -> dict:
+        """Our CPU ops vs eager / SDPA on the host CPU, when it has AVX-512 (or in a dry run, at tiny shapes)."""
+        info = cpu_isa.cpu_info()
+        host = {"cpu_model": info["model"], "isa": cpu_isa.isa_summary(info),
+                "torch_cpu_capability": cpu_isa.torch_cpu_capability()}
+        if not info["avx512f"] and not self.args.dry_run:
+            return {**host, "status": "skip",
+                    "note": f"the host CPU shows no AVX-512 ({host['isa']}); AVX2 is covered by CI's machine class"}
+        deadline = time.time() + budget - 5
+        cmd = self.python(str(BENCH_DIR / "gpu_check_cpu.py"), "--rows", str(self.rows_path),
+                          "--deadline", f"{deadline:.0f}")
+        if self.args.dry_run:
+            cmd += ["--tiny"]
+        st = {**host, **self._rows_stage("cpu", cmd, budget)}
+        records = report.read_rows(self.rows_path, "cpu")
+        st["limits"] = [{k: v for k, v in r.items() if k not in ("stage", "kind")}
+                        for r in records if r.get("kind") == "limits"]
+        st["unreached"] = next((r["cases"] for r in records if r.get("kind") == "unreached"), None)
+        st["verdict"] = report.cpu_verdict(st["rows"])
+        note = report.cpu_verdict_line(st["verdict"])
+        if self.args.dry_run:
+            note = f"dry run, tiny shapes, {host['isa']}: {note}"
+        if st["status"] != "ok":
+            note += f"; {st['note']}"
+        elif st["unreached"]:
+            note += f"; {len(st['unreached'])} shapes not reached in the budget"
+        if info["avx512f"] and not host["torch_cpu_capability"].startswith("AVX512"):
+            note += f"; the eager peers ran torch's {host['torch_cpu_capability']} kernels, not AVX-512 ones"
+        st["note"] = note
+        return st
 
     # -------------------------------------------------------------- tests
 

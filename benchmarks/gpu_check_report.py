@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
-STAGES = ("build", "spot", "tests", "sanitizer", "bench")
+STAGES = ("build", "spot", "tests", "sanitizer", "bench", "cpu")
 # Stages whose failure (or timeout, or not running for lack of time) fails the run.
 CHECK_STAGES = ("build", "spot", "tests", "sanitizer")
 STATUSES = ("ok", "fail", "timeout", "skip", "not-run")
@@ -28,6 +29,7 @@ GN_BANDWIDTH_TARGET = 0.85
 ATTENTION_TFLOPS_TARGET = 450.0
 CROSS_ATTENTION_SPEEDUP_TARGET = 2.0
 UNET_SPEEDUP_TARGET = 2.0
+DEFAULT_IMPL = "ours (default)"  # benchmarks/run.py's row of the dispatcher's own path; its peer is "eager" (or SDPA)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -140,10 +142,44 @@ def failed_checks(stages: dict) -> list[str]:
             continue
         if st["status"] in ("fail", "timeout", "not-run"):
             out.append(f"{name}: {st['status']}" + (f" ({st['note']})" if st.get("note") else ""))
-    bench = stages.get("bench")
-    if bench is not None and bench["status"] == "fail":  # a crash while timing (e.g. an illegal address)
-        out.append("bench: fail" + (f" ({bench['note']})" if bench.get("note") else ""))
+    for name in ("bench", "cpu"):  # a crash while timing (e.g. an illegal address); slow rows never fail
+        st = stages.get(name)
+        if st is not None and st["status"] == "fail":
+            out.append(f"{name}: fail" + (f" ({st['note']})" if st.get("note") else ""))
     return out
+
+
+def short_case(case: str) -> str:
+    """A row's case with a long key-length list cut to its ends: 'len[32, 31, ..., 1]'."""
+    return re.sub(r"len\[(\d+), (\d+), [^\]]*, (\d+)\]", r"len[\1, \2, ..., \3]", case)
+
+
+def cpu_verdict(rows: list[dict]) -> dict:
+    """How many of the cpu stage's "ours (default)" rows are at least as fast as their eager / SDPA peer,
+    in all and per (threads, dtype); the rows below 1.0x and those whose time is missing."""
+    ours = [r for r in rows if r.get("kind") == "row" and r["impl"] == DEFAULT_IMPL]
+    by_pass: dict[str, list[int]] = {}
+    below, untimed = [], []
+    for r in ours:
+        tally = by_pass.setdefault(f"{r.get('threads', '?')}T {r['dtype']}", [0, 0])
+        tally[1] += 1
+        if r.get("speedup") is None:
+            untimed.append({"op": r["op"], "case": short_case(r["case"]), "note": r.get("note", "")})
+        elif r["speedup"] < 1.0:
+            below.append({"op": r["op"], "case": short_case(r["case"]), "speedup": round(r["speedup"], 3)})
+        else:
+            tally[0] += 1
+    return {"rows": len(ours), "at_least_eager": sum(t[0] for t in by_pass.values()),
+            "by_pass": {k: f"{ok}/{n}" for k, (ok, n) in by_pass.items()}, "below": below, "untimed": untimed}
+
+
+def cpu_verdict_line(v: dict) -> str:
+    text = f"ours (default) >= 1.0x eager/SDPA in {v['at_least_eager']}/{v['rows']} rows"
+    if v["by_pass"]:
+        text += " (" + ", ".join(f"{k} {n}" for k, n in v["by_pass"].items()) + ")"
+    if v["untimed"]:
+        text += f"; {len(v['untimed'])} not timed"
+    return text
 
 
 # ------------------------------------------------------------------ summary table
@@ -185,6 +221,24 @@ def bench_lines(rows: list[dict], width: int = 150) -> list[str]:
     return lines
 
 
+def cpu_lines(st: dict, most: int = 25) -> list[str]:
+    """The cpu stage's verdict, the rows below 1.0x (the first `most`), what was not timed or reached."""
+    v = st.get("verdict")
+    if not v:
+        return []
+    lines = [f"cpu ops on the host CPU ({st.get('cpu_model', '?')}: {st.get('isa', '?')}; torch's kernels "
+             f"{st.get('torch_cpu_capability', '?')}; 1T: thread CPU time, 2T: wall): {cpu_verdict_line(v)}"]
+    for b in v["below"][:most]:
+        lines.append(f"  BELOW {b['op']} {b['case']}: {b['speedup']:.2f}x")
+    if len(v["below"]) > most:
+        lines.append(f"  ... and {len(v['below']) - most} more below 1.0x (stages.cpu.verdict in the JSON)")
+    for u in v["untimed"][:most]:
+        lines.append(f"  NOT TIMED {u['op']} {u['case']}: {u['note'][:80]}")
+    if st.get("unreached"):
+        lines.append(f"  not reached in the budget: {len(st['unreached'])} shapes, from {st['unreached'][0]}")
+    return lines
+
+
 def summary_lines(state: dict) -> list[str]:
     lines = [f"gpu_check summary: {state.get('device', '?')}" + ("  (DRY RUN on CPU)" if state.get("dry_run") else "")]
     lines.append(f"  {'stage':<10} {'status':<8} {'seconds':>8} {'budget':>7}  note")
@@ -219,6 +273,7 @@ def summary_lines(state: dict) -> list[str]:
                          f"GB/s (read + write), matmul {limits.get('matmul_TFLOPs', 0):.0f} TFLOP/s; "
                          "Nx = eager (or reference) ms / ms")
         lines += bench_lines(rows)
+    lines += cpu_lines(state["stages"].get("cpu", {}))
     goals = state.get("goals", [])
     if goals:
         lines.append("goals (reported, not failing):")

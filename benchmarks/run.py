@@ -18,7 +18,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.dirname(os.path.abspath(__file__)))  # model_suites.py beside this file
 
 import dalle3_fast.ops as ops  # noqa: E402
+from cpu_isa import cpu_info, isa_summary  # noqa: E402  (beside this file)
 
 
 # ------------------------------------------------------------------ timing and hardware limits
@@ -125,13 +125,15 @@ class Bench:
             self._copy_peaks[size] = size / self._best_ms(lambda: dst.copy_(src), tries=7) / 1e6
         return self._copy_peaks[size]
 
-    def measure_limits(self):
+    def measure_limits(self, small: bool = False):
         """DRAM copy peak (a 512 MiB working set: out of every cache) and sgemm peak, best of N, at the
-        thread count the rows run with."""
+        thread count the rows run with. small: a 16 MiB copy and a 256^3 sgemm (plumbing checks only)."""
         if self.device.type == "cuda":
             dram_bytes, mm_n, mm_dtype = 1 << 31, 8192, torch.bfloat16
         else:
             dram_bytes, mm_n, mm_dtype = 1 << 29, 2048 if torch.get_num_threads() <= 4 else 4096, torch.float32
+        if small:
+            dram_bytes, mm_n = 1 << 24, 256
         self.copy_gbps = self.copy_peak_gbps(dram_bytes)
         a = torch.randn(mm_n, mm_n, device=self.device, dtype=mm_dtype)
         b = torch.randn(mm_n, mm_n, device=self.device, dtype=mm_dtype)
@@ -168,33 +170,6 @@ class Bench:
         row = Row(op, shape, str(dtype).removeprefix("torch."), impl, None, note=why)
         self.rows.append(row)
         print(format_row(row), flush=True)
-
-
-def cpu_info() -> dict:
-    """The CPU's model name and the ISA extensions that decide which kernel clone runs (from /proc/cpuinfo)."""
-    info = {"model": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count(),
-            "avx512f": None, "avx2": None, "fma": None}
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and info["model"] in (platform.processor(), platform.machine()):
-            info["model"] = value.strip()
-        elif key == "flags":
-            flags = set(value.split())
-            info.update(avx512f="avx512f" in flags, avx2="avx2" in flags, fma="fma" in flags)
-            break
-    return info
-
-
-def isa_summary(info: dict) -> str:
-    if info["avx512f"] is None:
-        return "ISA unknown"
-    return ", ".join(f"{'' if info[k] else 'no '}{k.upper()}" for k in ("avx512f", "avx2", "fma"))
 
 
 def device_name(device: torch.device) -> str:
@@ -360,14 +335,48 @@ def suite_ops(args, bench: Bench):
         cross_cases = [(2, N, L, 8, 64, [L, L // 3]) for N in (4096, 16384) for L in (77, 120, 256, 300)]
         bench_cross_attention(bench, args, cross_cases, dtype)
     else:
-        dtype = torch.float32
-        # SD-sized shapes, then the shipped tiny U-Net's (batch 32, 8x8 and 4x4 maps, 32 text tokens)
-        bench_group_norm(bench, args, [(8, 320, 64, 64), (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16),
-                                       (32, 64, 8, 8), (32, 128, 4, 4)], dtype)
-        bench_cross_attention(bench, args, [(2, 4096, 128, 8, 64, [77, 128]), (2, 1024, 77, 8, 40, [77, 20]),
-                                            (2, 4096, 512, 8, 64, [300, 512]), (32, 64, 32, 2, 32, list(range(32, 0, -1)))],
-                              dtype)
-        bench_self_attention(bench, args, [(1, 1024, 8, 64), (1, 2048, 8, 40), (32, 64, 2, 32), (32, 16, 4, 32)], dtype)
+        for _, run_case in cpu_op_cases(bench, args, args.cpu_shapes, getattr(torch, args.dtype)):
+            run_case()
+
+
+# The CPU ops suite's shapes, by the U-Net they come from. GroupNorm (B, C, H, W); cross-attention
+# (B, N, L, H, D, key lengths); self-attention (B, N, H, D). SDXL's self-attention has B*H cut to keep
+# one row under a second at 1 thread (each head is the same work; cpu_policy_table.py does the same).
+CPU_OP_SHAPES = {
+    "sd15": {  # SD1.5-sized; (8, 320, 64, 64) and the 512-key rows are this package's own long-caption U-Net
+        "group_norm": [(8, 320, 64, 64), (2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16)],
+        "cross_attention": [(2, 4096, 128, 8, 64, [77, 128]), (2, 1024, 77, 8, 40, [77, 20]),
+                            (2, 4096, 512, 8, 64, [300, 512])],
+        "attention": [(1, 1024, 8, 64), (1, 2048, 8, 40)],
+    },
+    "tiny": {  # the shipped tiny U-Net: batch 32, 8x8 and 4x4 maps, 32 text tokens
+        "group_norm": [(32, 64, 8, 8), (32, 128, 4, 4)],
+        "cross_attention": [(32, 64, 32, 2, 32, list(range(32, 0, -1)))],
+        "attention": [(32, 64, 2, 32), (32, 16, 4, 32)],
+    },
+    "sdxl": {  # SDXL at 1024x1024: batch 2, 128x128 latents, attention at 64x64 and 32x32, head dim 64
+        "group_norm": [(2, 320, 128, 128), (2, 640, 64, 64), (2, 1280, 32, 32)],
+        "cross_attention": [(2, 4096, 77, 10, 64, [77, 77]), (2, 1024, 77, 20, 64, [77, 40])],
+        "attention": [(1, 1024, 5, 64), (1, 4096, 2, 64)],
+    },
+}
+
+
+def cpu_op_cases(bench: Bench, args, nets, dtype) -> list[tuple[str, Callable[[], None]]]:
+    """(label, run) for each shape of CPU_OP_SHAPES[net], nets in the order given: running one adds its
+    rows (every implementation; self-attention forward and forward + backward) to bench, so a caller
+    with a deadline can stop between any two."""
+    cases = []
+    for net in nets:
+        shapes = CPU_OP_SHAPES[net]
+        for shape in shapes["group_norm"]:
+            cases.append((f"{net} group_norm_silu {shape}", lambda s=shape: bench_group_norm(bench, args, [s], dtype)))
+        for case in shapes["cross_attention"]:
+            cases.append((f"{net} cross_attention {case[:5]}",
+                          lambda c=case: bench_cross_attention(bench, args, [c], dtype)))
+        for case in shapes["attention"]:
+            cases.append((f"{net} attention {case}", lambda c=case: bench_self_attention(bench, args, [c], dtype)))
+    return cases
 
 
 def suite_unet(args, bench: Bench):
@@ -406,6 +415,11 @@ def parse_args(argv=None):
     p.add_argument("--clock", choices=("wall", "thread-cpu"), default="wall",
                    help="wall: elapsed time (default). thread-cpu: CPU time of the calling thread, which other "
                         "processes' load barely disturbs; CPU device with --threads 1 only")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="ops suite on the CPU: the dtype of every row (default float32; the CUDA suite runs bfloat16)")
+    p.add_argument("--cpu-shapes", default="sd15,tiny",
+                   help="ops suite on the CPU: whose op shapes, comma-separated, in this order (sd15, tiny, sdxl; "
+                        "default sd15,tiny)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile peers (their compilation takes minutes on a small CPU)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false",
@@ -424,6 +438,10 @@ def parse_args(argv=None):
         p.error(f"--busy takes comma-separated counts such as 0,2, not {args.busy!r}")
     if any(n < 0 for n in args.busy):
         p.error("--busy counts must be >= 0")
+    args.cpu_shapes = [n for n in args.cpu_shapes.split(",") if n]
+    unknown = [n for n in args.cpu_shapes if n not in CPU_OP_SHAPES]
+    if unknown or not args.cpu_shapes:
+        p.error(f"--cpu-shapes takes some of {','.join(CPU_OP_SHAPES)}, not {unknown[0] if unknown else 'nothing'!r}")
     return args
 
 

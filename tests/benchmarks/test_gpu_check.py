@@ -32,7 +32,7 @@ def run_script(*args, timeout=240):
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One whole dry run (about 40 s of CPU: five child processes, tiny models traced by torch.compile)."""
+    """One whole dry run (about 50 s of CPU: six child processes, tiny models traced by torch.compile)."""
     out = tmp_path_factory.mktemp("gpu_check") / "dry.json"
     proc = run_script("--dry-run", "--out", str(out))
     return proc, out
@@ -45,11 +45,11 @@ def test_dry_run_passes_and_writes_every_stage(dry_run):
     data = json.loads(out.read_text())
     assert data["dry_run"] is True and data["failed"] == []
     stages = data["stages"]
-    assert list(stages) == ["build", "spot", "tests", "sanitizer", "bench"]
+    assert list(stages) == ["build", "spot", "tests", "sanitizer", "bench", "cpu"]
     assert stages["build"]["status"] == "skip"
     assert "TORCH_CUDA_ARCH_LIST=9.0a" in stages["build"]["command"]
     assert "build_ext --inplace" in stages["build"]["command"]
-    for name in ("spot", "tests", "sanitizer", "bench"):
+    for name in ("spot", "tests", "sanitizer", "bench", "cpu"):
         assert stages[name]["status"] == "ok", (name, stages[name])
         assert stages[name]["seconds"] >= 0 and stages[name]["budget_s"] > 0
     assert stages["spot"]["rows"] and all(r["ok"] and r["err"] < r["tol"] for r in stages["spot"]["rows"])
@@ -102,7 +102,8 @@ def test_dry_run_prints_the_summary_last(dry_run):
     lines = proc.stdout.strip().splitlines()
     assert lines[-1].startswith("RESULT: all checks passed") and str(out) in lines[-1]
     text = proc.stdout
-    for word in ("build", "spot", "tests", "sanitizer", "bench", "goals (reported, not failing)"):
+    for word in ("build", "spot", "tests", "sanitizer", "bench", "goals (reported, not failing)",
+                 "cpu ops on the host CPU", "ours (default) >= 1.0x eager/SDPA in "):
         assert word in text
 
 
@@ -131,7 +132,7 @@ def test_stage_subset_marks_the_rest_skipped(tmp_path):
     stages = json.loads(out.read_text())["stages"]
     assert "TORCH_CUDA_ARCH_LIST=8.0 " in stages["build"]["command"]
     assert all(stages[s]["status"] == "skip" and stages[s]["note"] == "not in --stages"
-               for s in ("spot", "tests", "sanitizer", "bench"))
+               for s in ("spot", "tests", "sanitizer", "bench", "cpu"))
 
 
 def test_arch_and_budgets(gpu_check):
@@ -141,8 +142,10 @@ def test_arch_and_budgets(gpu_check):
     assert gpu_check.slug("NVIDIA H200") == "nvidia-h200"
     assert gpu_check.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     shares = gpu_check.stage_budgets(gpu_check.DEFAULT_BUDGET_S)
-    assert sum(shares.values()) == pytest.approx(480)
-    assert gpu_check.stage_budgets(240)["build"] == pytest.approx(shares["build"] / 2)
+    assert sum(shares.values()) == pytest.approx(540)  # fits the device's 600 s command limit with margin
+    assert list(shares) == list(gpu_check.report.STAGES)  # run in this order, each with a share
+    assert gpu_check.report.STAGES[-2:] == ("bench", "cpu") and 60 <= shares["cpu"] <= 90
+    assert gpu_check.stage_budgets(270)["build"] == pytest.approx(shares["build"] / 2)
     assert gpu_check.allot(60, 30, 1000) == 90  # time an earlier stage left unused is passed on
     assert gpu_check.allot(60, -30, 1000) == 60  # an overrun is not taken from later stages
     assert gpu_check.allot(60, 30, 40) == 40  # never past the end of the run
@@ -192,6 +195,9 @@ def test_failed_checks_decide_the_exit_code(gpu_check):
         assert report.failed_checks({**ok, "tests": {"status": status, "note": "x"}}) == [f"tests: {status} (x)"]
     assert report.failed_checks({**ok, "bench": {"status": "timeout"}}) == []  # goals are not checks
     assert report.failed_checks({**ok, "bench": {"status": "fail", "note": "crash"}}) == ["bench: fail (crash)"]
+    for status in ("timeout", "skip", "not-run"):  # CPU speed is reported, never failing
+        assert report.failed_checks({**ok, "cpu": {"status": status}}) == []
+    assert report.failed_checks({**ok, "cpu": {"status": "fail", "note": "crash"}}) == ["cpu: fail (crash)"]
 
 
 def test_sanitizer_output_is_classified(gpu_check):
@@ -255,3 +261,95 @@ def test_a_child_past_its_budget_is_stopped(gpu_check, tmp_path):
                                        env=dict(os.environ), timeout=2, log=log)
     assert rc is None and seconds < 30
     assert "up" in log.path.read_text() and "[exit timeout" in log.path.read_text()
+
+
+# ------------------------------------------------------------------ cpu stage
+
+
+@pytest.mark.slow
+def test_cpu_stage_rows_and_verdict_in_the_dry_run_json(dry_run, gpu_check):
+    """The dry run runs the cpu stage on this AVX2 machine anyway, at the tiny U-Net's shapes, and says so."""
+    import cpu_isa
+
+    _, out = dry_run
+    st = json.loads(out.read_text())["stages"]["cpu"]
+    isa = cpu_isa.isa_summary(cpu_isa.cpu_info())
+    assert st["status"] == "ok" and st["isa"] == isa and st["torch_cpu_capability"]
+    assert st["note"].startswith(f"dry run, tiny shapes, {isa}: ours (default) >= 1.0x eager/SDPA in ")
+    rows = st["rows"]
+    assert {(r["threads"], r["clock"]) for r in rows} == {(1, "thread-cpu"), (2, "wall")}
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"} and {r["net"] for r in rows} == {"tiny"}
+    assert all(r["isa"] == isa for r in rows)
+    assert {r["op"] for r in rows} == {"group_norm_silu", "cross_attention", "attention fwd", "attention fwd+bwd"}
+    ours = [r for r in rows if r["impl"] == "ours (default)"]
+    peers = {(r["op"], r["case"]) for r in rows if r["impl"] == "eager"}
+    assert ours and {(r["op"], r["case"]) for r in ours} == peers and all(r["ms"] > 0 for r in rows)
+    v = st["verdict"]
+    assert v["rows"] == len(ours) and v["at_least_eager"] + len(v["below"]) + len(v["untimed"]) == len(ours)
+    assert v["at_least_eager"] == sum(r["speedup"] >= 1.0 for r in ours)
+    assert set(v["by_pass"]) == {"1T float32", "1T bfloat16", "2T float32", "2T bfloat16"}
+    assert [lim["threads"] for lim in st["limits"]] == [1, 2] and st["unreached"] == []
+
+
+def test_cpu_stage_skips_a_host_without_avx512(gpu_check, tmp_path, monkeypatch):
+    avx2 = {"model": "Some AVX2 CPU", "logical_cpus": 16, "avx512f": False, "avx2": True, "fma": True}
+    monkeypatch.setattr(gpu_check.cpu_isa, "cpu_info", lambda: avx2)
+    run = _run_obj(gpu_check, tmp_path)
+    monkeypatch.setattr(run, "_rows_stage", lambda *a: pytest.fail("no child may start on an AVX2 host"))
+    st = run.cpu(60)
+    assert st["status"] == "skip" and st["isa"] == "no AVX512F, AVX2, FMA"
+    assert "shows no AVX-512" in st["note"] and "AVX2 is covered by CI" in st["note"]
+    assert gpu_check.report.failed_checks({"cpu": st}) == []
+
+
+def test_cpu_stage_on_an_avx512_host_times_the_full_shapes(gpu_check, tmp_path, monkeypatch):
+    """The child's command (no --tiny outside a dry run, a deadline inside the budget) and the verdict
+    built from its rows; the child itself is stood in for."""
+    avx512 = {"model": "Some AVX-512 CPU", "logical_cpus": 16, "avx512f": True, "avx2": True, "fma": True}
+    monkeypatch.setattr(gpu_check.cpu_isa, "cpu_info", lambda: avx512)
+    monkeypatch.setattr(gpu_check.cpu_isa, "torch_cpu_capability", lambda: "AVX512")
+    run = _run_obj(gpu_check, tmp_path)
+    seen = {}
+
+    def rows_stage(stage, cmd, budget):
+        seen.update(stage=stage, cmd=cmd, budget=budget)
+        row = {"stage": "cpu", "kind": "row", "op": "group_norm_silu", "dtype": "float32", "threads": 1}
+        records = [{**row, "case": "a", "impl": "eager", "speedup": 1.0},
+                   {**row, "case": "a", "impl": "ours (default)", "speedup": 1.5},
+                   {**row, "case": "b", "impl": "ours (default)", "speedup": 0.8},
+                   {**row, "case": "c", "impl": "ours (default)", "speedup": None, "note": "RuntimeError: x"},
+                   {"stage": "cpu", "kind": "unreached", "cases": ["sdxl attention (1, 4096, 2, 64) float32 1T"]}]
+        run.rows_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return {"rows": records[:4], "status": "ok", "note": "4 rows"}
+
+    monkeypatch.setattr(run, "_rows_stage", rows_stage)
+    st = run.cpu(80)
+    assert seen["stage"] == "cpu" and seen["budget"] == 80 and "--tiny" not in seen["cmd"]
+    assert seen["cmd"][1].endswith("gpu_check_cpu.py") and "--deadline" in seen["cmd"]
+    assert st["status"] == "ok" and st["isa"] == "AVX512F, AVX2, FMA"
+    assert st["verdict"]["at_least_eager"] == 1 and st["verdict"]["rows"] == 3
+    assert st["verdict"]["below"] == [{"op": "group_norm_silu", "case": "b", "speedup": 0.8}]
+    assert st["note"] == ("ours (default) >= 1.0x eager/SDPA in 1/3 rows (1T float32 1/3); 1 not timed; "
+                          "1 shapes not reached in the budget")
+    lines = gpu_check.report.cpu_lines(st)
+    assert "Some AVX-512 CPU: AVX512F, AVX2, FMA" in lines[0] and lines[0].endswith("1 not timed")
+    assert "  BELOW group_norm_silu b: 0.80x" in lines and any(ln.startswith("  NOT TIMED") for ln in lines)
+    monkeypatch.setattr(gpu_check.cpu_isa, "torch_cpu_capability", lambda: "AVX2")  # e.g. ATEN_CPU_CAPABILITY=avx2
+    assert run.cpu(80)["note"].endswith("; the eager peers ran torch's AVX2 kernels, not AVX-512 ones")
+
+
+def test_cpu_stage_child_reuses_run_py_shapes():
+    """The child times run.py's own CPU op shapes (one list for both), tiny and SD1.5 before SDXL."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check_cpu
+        import run
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert [nets for _, nets in gpu_check_cpu.PASSES] == [("tiny", "sd15"), ("tiny", "sd15"), ("sdxl",)]
+    assert [t for t, _ in gpu_check_cpu.PASSES] == [1, 2, 1]
+    assert {n for _, nets in gpu_check_cpu.PASSES for n in nets} == set(run.CPU_OP_SHAPES)
+    bench = run.Bench(__import__("torch").device("cpu"), 0, 1)
+    labels = [label for label, _ in run.cpu_op_cases(bench, run.parse_args([]), ["tiny"], None)]
+    shapes = run.CPU_OP_SHAPES["tiny"]
+    assert len(labels) == sum(len(v) for v in shapes.values())

@@ -58,6 +58,12 @@ def test_busy_flag_refuses_bad_counts(value):
     assert "--busy" in proc.stderr
 
 
+def test_cpu_shapes_flag_refuses_an_unknown_unet():
+    proc = _run(BENCHMARKS / "run.py", "--suite", "ops", "--cpu-shapes", "tiny,sd21", timeout=120)
+    assert proc.returncode == 2
+    assert "--cpu-shapes takes some of sd15,tiny,sdxl, not 'sd21'" in proc.stderr
+
+
 def test_pipeline_suite_times_quiet_and_busy_rows(model_suites, monkeypatch):
     """The suite's own code at 2 prompts and 1 step (the real one is 16 x 20)."""
     import run

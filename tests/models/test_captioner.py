@@ -152,6 +152,28 @@ def test_token_weights_weigh_each_target_of_the_caption_loss(tokenizer):
         model(images(3), batch.ids, batch.lengths, token_weights=torch.ones(V + 1))
 
 
+def test_deepened_decoder_scores_as_before_and_trains_its_new_layers(tokenizer):
+    from dalle3_fast.models.captioner import deepen_multimodal_decoder
+
+    model = make_model(tokenizer, multimodal_layers=1)
+    batch = model.tokenize(captions(3, seed=4))
+    x = images(3, seed=4)
+    state = torch.get_rng_state()
+    deep = deepen_multimodal_decoder(model, 3).eval()
+    assert torch.equal(torch.get_rng_state(), state)
+    assert deep.config.multimodal_layers == 3 and len(deep.multimodal.blocks) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, batch.ids, batch.lengths), model(x, batch.ids, batch.lengths))
+    assert deep.generate(x, max_new_tokens=8) == model.generate(x, max_new_tokens=8)
+    deep.train()
+    deep(x, batch.ids, batch.lengths)["loss"].backward()
+    for block in deep.multimodal.blocks[1:]:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in
+                   (block.attn.proj.weight, block.cross_attn.proj.weight, block.mlp.fc2.weight))
+    with pytest.raises(ValueError, match="would remove"):
+        deepen_multimodal_decoder(deep, 2)
+
+
 @pytest.mark.parametrize("method", ["greedy", "beam", "nucleus"])
 def test_kv_cache_equals_full_recomputation(tokenizer, method):
     model = make_model(tokenizer, seed=3, dtype=torch.float64)

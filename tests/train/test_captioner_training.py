@@ -112,3 +112,22 @@ def test_caption_word_weights_reach_the_loss(tmp_path, one_thread):
     unknown = build_task("captioner", {**options, "caption_word_weights": {"zzxqj": 2}}, ctx)
     with pytest.raises(ValueError, match="caption_word_weights.*zzxqj"):
         unknown.build_model()
+
+
+def test_multimodal_layers_deepens_a_finetuned_captioner(tmp_path, one_thread):
+    from dalle3_fast.models.captioner import CoCa, CoCaConfig
+    from dalle3_fast.models.tokenizer import SentencePieceTokenizer
+    from dalle3_fast.train.task import TaskContext
+    from dalle3_fast.train.tasks import build_task
+
+    tok = SentencePieceTokenizer.train(["a red circle above a blue square"] * 50 + ["two green stars"] * 50,
+                                       vocab_size=40)
+    small = CoCa.from_tokenizer(tok, CoCaConfig.preset("tiny", image_size=64).replace(multimodal_layers=1))
+    small.save_pretrained(tmp_path / "small")
+    ctx = TaskContext(seed=0, device=torch.device("cpu"), rank=0, world_size=1, activation_checkpointing=False,
+                      out_dir=tmp_path / "run", precision="fp32")
+    task = build_task("captioner", {"init_from": str(tmp_path / "small"), "multimodal_layers": 3,
+                                    "caption_key": "dsc"}, ctx)
+    assert task.build_model().config.multimodal_layers == 3
+    with pytest.raises(ValueError, match="init_from"):
+        build_task("captioner", {"multimodal_layers": 3}, ctx).build_model()

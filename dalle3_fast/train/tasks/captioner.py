@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dalle3_fast.models.captioner import CoCa, CoCaConfig
+from dalle3_fast.models.captioner import CoCa, CoCaConfig, deepen_multimodal_decoder
 
 from ..task import Task, register_task
 from .image_data import ImageDataOptions, image_batches, to_unit, world_captions
@@ -25,6 +25,9 @@ class CaptionerTask(Task):
         preset: str = "tiny"          # CoCaConfig preset (tiny, small, base, large) for a new model
         model_config: dict = field(default_factory=dict)  # CoCaConfig fields over the preset, e.g. {"image_stem": "conv"}
         init_from: str = ""           # a captioner directory to fine-tune (SSC / DSC stages)
+        # with init_from: grow its multimodal decoder to this many layers first (deepen_multimodal_decoder:
+        # new layers start as identities); 0 keeps the model's depth
+        multimodal_layers: int = 0
         tokenizer: str = ""           # a tokenizer directory; "" trains one on scene-world captions
         tokenizer_vocab: int = 1000
         tokenizer_scenes: int = 2000  # scene-world scenes whose captions train that tokenizer
@@ -42,6 +45,11 @@ class CaptionerTask(Task):
                 raise ValueError("task_options.model_config shapes a new captioner; a fine-tune (init_from) keeps "
                                  "its model's config, so remove model_config")
             model = CoCa.from_pretrained(o.init_from).train()
+            if o.multimodal_layers:
+                model = deepen_multimodal_decoder(model, o.multimodal_layers, seed=self.ctx.seed)
+        elif o.multimodal_layers:
+            raise ValueError("task_options.multimodal_layers deepens a trained captioner (init_from); a new one "
+                             "takes its depth from model_config: {\"multimodal_layers\": N}")
         else:
             from dalle3_fast.models.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(o.tokenizer or self._world_tokenizer())

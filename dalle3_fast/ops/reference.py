@@ -19,8 +19,8 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
     if add is not None:
         h = h + _as(add, cdt).view(per_channel)
     y = F.group_norm(h, num_groups, _as(weight, cdt), _as(bias, cdt), eps)
-    # Outside autograd the epilogue reuses group_norm's fresh output: one buffer instead of up to four,
-    # which at small shapes is most of the cost (each fresh buffer page-faults). Same values either way.
+    # Outside autograd the epilogue reuses group_norm's fresh output: one buffer instead of up to four
+    # (each a pass over memory, and a large fresh one page-faults). Same values either way.
     inplace = not (torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, add, scale, shift)))
     if scale is not None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from dalle3_fast.ops.layout import memory_format
+from dalle3_fast.ops.layout import memory_format, needs_grad
 
 SELF_MAX_QUERIES = 64
 
@@ -42,17 +42,13 @@ def prefers_kernel(op: str, *inputs) -> bool:
         x, _num_groups, silu, add, scale, shift = inputs
         modulation = [t for t in (add, scale, shift) if t is not None]
         return group_norm_prefers_kernel(tuple(x.shape), bool(silu), bool(modulation),
-                                         _needs_grad(x, *modulation),
+                                         needs_grad(x, *modulation),
                                          memory_format(x) == torch.channels_last, x.dtype)
     if op in ("attention", "cross_attention"):
         q, k, key_lengths = inputs
         return attention_prefers_kernel(tuple(q.shape), tuple(k.shape), key_lengths is not None, q.dtype,
-                                        _needs_grad(q, k))
+                                        needs_grad(q, k))
     raise ValueError(f"cpu_policy: unknown op {op!r}")
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def group_norm_prefers_kernel(shape: tuple[int, ...], silu: bool, modulated: bool, grad: bool = False,

@@ -1,4 +1,4 @@
-"""Dtype and memory-format rules every backend of the fused ops follows."""
+"""Dtype, memory-format and autograd rules every backend of the fused ops follows."""
 from __future__ import annotations
 
 import torch
@@ -19,3 +19,8 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 def dense(x: torch.Tensor) -> torch.Tensor:
     """x if it is dense in its own memory format (contiguous or channels_last), else a contiguous copy."""
     return x if x.is_contiguous(memory_format=memory_format(x)) else x.contiguous()
+
+
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

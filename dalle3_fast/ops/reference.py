@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dalle3_fast.ops.layout import acc_dtype, memory_format
+from dalle3_fast.ops.layout import acc_dtype, memory_format, needs_grad
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=None, shift=None, silu=True):
@@ -21,8 +21,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5, *, add=None, scale=No
     y = F.group_norm(h, num_groups, _as(weight, cdt), _as(bias, cdt), eps)
     # Outside autograd the epilogue reuses group_norm's fresh output: one buffer instead of up to four
     # (each a pass over memory, and a large fresh one page-faults). Same values either way.
-    inplace = not (torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, add, scale, shift)))
+    inplace = not needs_grad(x, weight, bias, add, scale, shift)
     if scale is not None:
         s = _as(scale, cdt).view(per_channel)
         y = y.mul_(1 + s) if inplace else y * (1 + s)

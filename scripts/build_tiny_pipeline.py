@@ -14,9 +14,10 @@ when the command is run again, and an interrupted training stage resumes from it
                    each sample with its alt-text and, in its json, the world's true captions), written by
                    scripts/train_captioners.py's data stage to WORK/captioners/data/train;
 3. ``captioners``: the rest of scripts/train_captioners.py into WORK/captioners: the DSC captioner (a
-                   tiny CoCa, conv stem, trained on the world's descriptive captions drawn on the fly), and
-                   its SSC fine-tune on the first ``--finetune-shards`` shards, exported to
-                   WORK/captioners/export/{dsc,ssc};
+                   tiny CoCa, conv stem, trained on the world's descriptive captions drawn on the fly), its
+                   text decoder deepened to 4 multimodal layers and fine-tuned (the shipped captioner's
+                   recipe), and the SSC fine-tune of that on the first ``--finetune-shards`` shards,
+                   exported to WORK/captioners/export/{dsc,ssc};
 4. ``recaption``:  ``python -m dalle3_fast.recaption`` with that DSC captioner over the whole training set,
                    as a user would on their own shards: WORK/recaptioned/ holds the same shards plus a
                    ``.dsc`` member per sample (resumable: finished shards are skipped);
@@ -88,7 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "and fine-tuned for --vae-widen-steps")
     p.add_argument("--vae-widen-steps", type=int, default=800,
                    help="fine-tuning steps of the widened VAE (batch 16; only with --vae-latent-channels > 4)")
-    p.add_argument("--dsc-steps", type=int, default=4000, help="DSC captioner steps (batch 32)")
+    p.add_argument("--dsc-steps", type=int, default=6000, help="DSC captioner steps (batch 32)")
+    p.add_argument("--deepen-steps", type=int, default=3000,
+                   help="fine-tuning steps of the DSC captioner deepened to 4 multimodal layers (batch 32)")
     p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
     p.add_argument("--unet-steps", type=int, default=4000,
                    help="U-Net optimizer steps (batch 32; each encoded image batch serves 4 steps)")
@@ -213,6 +216,7 @@ def _train_captioners(args, work: Path, stages: str) -> None:
     argv = ["--work", str(captioners_dir(work)), "--train-shards", str(shards), "--shard-size", str(size),
             "--finetune-shards", str(finetune), "--threads", str(args.threads), "--no-progress",
             "--ssc-steps", str(_steps(args.ssc_steps, args.scale)),
+            "--deepen-steps", str(_steps(args.deepen_steps, args.scale)),
             "--dsc-steps", str(_steps(args.dsc_steps, args.scale)), "--set", f"seed={args.seed}",
             "--stages", stages]
     if args.scale < 1:  # the captions of 2000 scenes train the tokenizer; a smoke run needs fewer
@@ -229,8 +233,8 @@ def stage_data(args, work: Path) -> str:
 
 
 def stage_captioners(args, work: Path) -> Path:
-    """The DSC captioner, its SSC fine-tune, export."""
-    _train_captioners(args, work, "dsc,ssc,export")
+    """The DSC captioner, its deepened fine-tune (the DSC captioner exported), the SSC fine-tune, export."""
+    _train_captioners(args, work, "dsc,deepen,ssc,export")
     return captioners_dir(work) / "export" / "dsc"
 
 

@@ -1,7 +1,7 @@
 """How well captioners write descriptive captions: per-attribute accuracy on held-out scene-world images.
 
     python scripts/eval_captioner.py --captioner pretrained=runs/captioners/pretrain/final \\
-        --captioner ssc=runs/captioners/ssc/final --captioner dsc=runs/captioners/dsc/final \\
+        --captioner ssc=runs/captioners/ssc/final --captioner dsc=runs/captioners/deepen/final \\
         --n 500 --seed 1 --json runs/captioners/eval.json
 
 Each captioner writes one caption per image (greedy by default); ``parse_caption`` reads it back into a

@@ -9,11 +9,14 @@ Stages (a stage whose result is already under ``--work`` is skipped, so the comm
                   decoder cross-attending to every grid token) trained from scratch on the world's
                   descriptive captions, contrastive + captioning loss (configs/captioner_world_dsc.json:
                   world seed 0 drawn on the fly, the same world the shards hold, so no image repeats);
-3. ``ssc``:       the short-caption (SSC) captioner: the DSC one fine-tuned on the short captions of the
-                  first 2 shards (configs/captioner_world_ssc.json);
-4. ``pretrain``:  (not run unless named) a CoCa pre-trained on the shards' alt-text only
+3. ``deepen``:    that captioner's text decoder grown from 2 to 4 multimodal layers (the new ones start as
+                  identities) and fine-tuned on the same stream (configs/captioner_world_deepen.json): the
+                  shipped DSC captioner; it is what ``export`` writes as ``dsc``;
+4. ``ssc``:       the short-caption (SSC) captioner: the deepened DSC one fine-tuned on the short captions of
+                  the first 2 shards (configs/captioner_world_ssc.json);
+5. ``pretrain``:  (not run unless named) a CoCa pre-trained on the shards' alt-text only
                   (configs/captioner_world_pretrain.json): the noisy-caption baseline of the evaluation;
-5. ``export``:    each final model loaded with ``CoCa.from_pretrained`` and written with
+6. ``export``:    each final model loaded with ``CoCa.from_pretrained`` and written with
                   ``CoCa.save_pretrained`` to ``--export``/{dsc,ssc[,pretrained]}; ``--asset DIR`` (and
                   ``--ssc-asset DIR``) also write the DSC (SSC) captioner there with float16 weights (half
                   the bytes; it loads back as float32), e.g. ``--asset dalle3_fast/assets/captioner_dsc``.
@@ -35,8 +38,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-STAGES = ("data", "dsc", "ssc", "pretrain", "export")
-DEFAULT_STAGES = ("data", "dsc", "ssc", "export")
+STAGES = ("data", "dsc", "deepen", "ssc", "pretrain", "export")
+DEFAULT_STAGES = ("data", "dsc", "deepen", "ssc", "export")
 TRAIN_SHARDS, FINETUNE_SHARDS, SHARD_SIZE = 40, 2, 1000
 
 
@@ -54,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"the SSC fine-tune's shards, the first ones of the data (default {FINETUNE_SHARDS})")
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE, help=f"images per shard (default {SHARD_SIZE})")
     p.add_argument("--dsc-steps", type=int, default=None, help="override the DSC config's steps")
+    p.add_argument("--deepen-steps", type=int, default=None, help="override the deepened DSC fine-tune config's steps")
     p.add_argument("--ssc-steps", type=int, default=None, help="override the SSC fine-tune config's steps")
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the alt-text pre-training config's steps")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -122,10 +126,21 @@ def stage_dsc(args, work: Path, env: dict) -> None:
     _train_stage("dsc", "captioner_world_dsc.json", args.dsc_steps, [], args, work, env)
 
 
+def _init_from(work: Path, source: str, name: str) -> Path:
+    init = work / source / "final"
+    if not (init / "config.json").is_file() and not (work / name / "final" / "config.json").is_file():
+        raise SystemExit(f"error: no captioner at {init} to fine-tune; run the {source} stage first")
+    return init
+
+
+def stage_deepen(args, work: Path, env: dict) -> None:
+    init = _init_from(work, "dsc", "deepen")
+    _train_stage("deepen", "captioner_world_deepen.json", args.deepen_steps,
+                 [f"task_options.init_from={json.dumps(str(init))}"], args, work, env)
+
+
 def stage_ssc(args, work: Path, env: dict) -> None:
-    init = work / "dsc" / "final"
-    if not (init / "config.json").is_file() and not (work / "ssc" / "final" / "config.json").is_file():
-        raise SystemExit(f"error: no DSC captioner at {init}; run the dsc stage first")
+    init = _init_from(work, "deepen", "ssc")
     data = shard_spec(work / "data" / "train", args.finetune_shards)
     _train_stage("ssc", "captioner_world_ssc.json", args.ssc_steps,
                  [f"task_options.data={json.dumps(data)}", f"task_options.init_from={json.dumps(str(init))}"],
@@ -154,7 +169,7 @@ def stage_export(args, work: Path, env: dict) -> None:
     from dalle3_fast.models.captioner import CoCa
 
     export = Path(args.export) if args.export else work / "export"
-    for name, run_dir, required in (("dsc", "dsc", True), ("ssc", "ssc", True), ("pretrained", "pretrain", False)):
+    for name, run_dir, required in (("dsc", "deepen", True), ("ssc", "ssc", True), ("pretrained", "pretrain", False)):
         source = work / run_dir / "final"
         if not (source / "config.json").is_file():
             if required:
@@ -163,7 +178,7 @@ def stage_export(args, work: Path, env: dict) -> None:
         CoCa.from_pretrained(source).save_pretrained(export / name)
         print(f"[captioners] {name}: {source} -> {export / name}", file=sys.stderr)
     if args.asset:
-        _write_half(work / "dsc" / "final", Path(args.asset), "dsc")
+        _write_half(work / "deepen" / "final", Path(args.asset), "dsc")
     if args.ssc_asset:
         _write_half(work / "ssc" / "final", Path(args.ssc_asset), "ssc")
 

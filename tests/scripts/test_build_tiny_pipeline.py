@@ -42,6 +42,9 @@ def test_all_stages_then_the_alt_only_ablation(tmp_path):
     # the captioner the chain trained has the conv stem, and its captions are what the U-Net read
     captioner = json.loads((work / "captioners" / "export" / "dsc" / "config.json").read_text())
     assert captioner["image_stem"] == "conv"
+    assert captioner["multimodal_layers"] == 4  # the deepened fine-tune, as shipped
+    ssc_settings = json.loads((work / "captioners" / "ssc" / "final" / "config.json").read_text())
+    assert ssc_settings["multimodal_layers"] == 4  # the SSC captioner is a fine-tune of the deepened one
     recaptioned = sorted((work / "recaptioned").glob("*.tar"))
     assert [p.name for p in recaptioned] == ["000000.tar", "000001.tar"]
     samples = [s for s, _ in iter_samples([str(p) for p in recaptioned])]

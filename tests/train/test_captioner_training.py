@@ -45,11 +45,15 @@ def test_dsc_then_ssc_finetune_and_pretrain_through_the_cli(tmp_path, one_thread
     assert dsc["losses"][-1] < 0.8 * dsc["losses"][0], dsc["losses"]
     samples = (tmp_path / "dsc" / "samples" / "captions.jsonl").read_text().splitlines()
     assert len(samples) == 4 and all(len(json.loads(s)["reference"].split()) > 10 for s in samples)  # true DSCs
-    trained = CoCa.from_pretrained(dsc["final"])
+    assert CoCa.from_pretrained(dsc["final"]).config.multimodal_layers == 2
+    deepen = _train("captioner_world_deepen.json", tmp_path / "deepen", 5,
+                    f"task_options.init_from={json.dumps(str(dsc['final']))}", "sample_every=0")
+    trained = CoCa.from_pretrained(deepen["final"])
     assert trained.config.image_stem == "conv" and trained.config.caption_grid
+    assert trained.config.multimodal_layers == 4
 
     ssc = _train("captioner_world_ssc.json", tmp_path / "ssc", 10, f"task_options.data={json.dumps(first_shard)}",
-                 f"task_options.init_from={json.dumps(str(dsc['final']))}", "sample_every=0")
+                 f"task_options.init_from={json.dumps(str(deepen['final']))}", "sample_every=0")
     assert ssc["losses"][-1] < ssc["losses"][0], ssc["losses"]
     finetuned = CoCa.from_pretrained(ssc["final"])
     assert finetuned.config == trained.config and finetuned.tokenizer is not None
@@ -84,10 +88,12 @@ def test_export_names_the_missing_stage(tmp_path):
         import train_captioners
     finally:
         sys.path.pop(0)
-    with pytest.raises(SystemExit, match="no dsc captioner at .*; run the dsc stage first"):
+    with pytest.raises(SystemExit, match="no dsc captioner at .*deepen.*; run the deepen stage first"):
         train_captioners.main(["--work", str(tmp_path), "--stages", "export"])
-    with pytest.raises(SystemExit, match="no DSC captioner at .*; run the dsc stage first"):
+    with pytest.raises(SystemExit, match="no captioner at .*deepen.* to fine-tune; run the deepen stage first"):
         train_captioners.main(["--work", str(tmp_path), "--stages", "ssc"])
+    with pytest.raises(SystemExit, match="no captioner at .*dsc.* to fine-tune; run the dsc stage first"):
+        train_captioners.main(["--work", str(tmp_path), "--stages", "deepen"])
 
 
 def test_caption_word_weights_reach_the_loss(tmp_path, one_thread):
@@ -131,3 +137,47 @@ def test_multimodal_layers_deepens_a_finetuned_captioner(tmp_path, one_thread):
     assert task.build_model().config.multimodal_layers == 3
     with pytest.raises(ValueError, match="init_from"):
         build_task("captioner", {"multimodal_layers": 3}, ctx).build_model()
+
+
+def test_grounding_loss_targets_each_named_group_and_exports_a_plain_captioner(tmp_path, one_thread):
+    from dalle3_fast.data.world import SceneGraph
+    from dalle3_fast.data.world.captions import group_mentions, noun
+    from dalle3_fast.models.captioner import CoCa
+    from dalle3_fast.train.task import TaskContext
+    from dalle3_fast.train.tasks import build_task
+    from dalle3_fast.train.tasks.image_data import image_batches
+
+    ctx = TaskContext(seed=0, device=torch.device("cpu"), rank=0, world_size=1, activation_checkpointing=False,
+                      out_dir=tmp_path, precision="fp32")
+    options = json.loads((REPO / "configs" / "captioner_world_dsc.json").read_text())["task_options"]
+    task = build_task("captioner", {**options, "tokenizer_scenes": 100, "grounding_weight": 0.5}, ctx)
+    model = task.build_model()
+    batch = next(task.batches(6, 0, 1, 0))
+    records = next(image_batches(task.options, 6, 0, 1, 0, 8))["records"]
+    mask, xy = batch["ground_mask"], batch["ground_xy"]
+    assert mask.shape == (6, batch["ids"].shape[1] - 1) and mask.any(dim=1).all()  # every world DSC names a group
+    for i, record in enumerate(records):
+        graph = SceneGraph.from_dict(record["graph"])
+        centres, names = {}, {}
+        for g in graph.groups():
+            members = [o for o in graph.objects if o.key() == g.key]
+            centres[g.key] = (sum(o.cx for o in members) / len(members) / 32 - 1,
+                              sum(o.cy for o in members) / len(members) / 32 - 1)
+            names[g.key] = f"{g.key.size} {g.key.colour} {noun(g.key.shape, g.count)}"
+        positions = mask[i].nonzero().flatten().tolist()
+        assert len(positions) == len(group_mentions(record["dsc"], graph)) > 0
+        for t in positions:
+            read = task.tokenizer.decode([batch["ids"][i, 1: t + 1].tolist()])[0]  # what position t has read
+            key = next(k for k, name in names.items() if read.endswith(name))
+            assert torch.allclose(xy[i, t], torch.tensor(centres[key]), atol=1e-5)
+    loss, logs = task.loss(model, batch)
+    assert logs["ground"] > 0
+    loss.backward()
+    assert model.grounding_head.weight.grad.abs().sum() > 0
+    task.export(model, tmp_path / "export")
+    loaded = CoCa.from_pretrained(tmp_path / "export")  # a plain captioner: no grounding head saved
+    assert not any("grounding" in k for k in loaded.state_dict())
+
+    no_graph = [{k: v for k, v in r.items() if k != "graph"} for r in records]
+    with pytest.raises(ValueError, match="grounding_weight needs a scene graph"):
+        task._grounding_targets(no_graph, [r["dsc"] for r in records], batch["ids"].shape[1])

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 from .graph import ABOVE, SHAPE_PLURALS, Group, GroupKey, SceneGraph
 
@@ -58,6 +59,17 @@ def group_phrase(group: Group, rng: random.Random | None = None) -> str:
 def reference(key: GroupKey, count: int) -> str:
     """Definite reference used in relation sentences: 'the large red circles'."""
     return f"the {key.size} {key.colour} {noun(key.shape, count)}"
+
+
+def group_mentions(text: str, graph: SceneGraph) -> list[tuple[int, Group]]:
+    """(end offset in ``text``, group) of every mention of one of ``graph``'s groups: the
+    "{size} {colour} {noun}" that ``group_phrase`` and ``reference`` write, in text order."""
+    found = []
+    for g in graph.groups():
+        k = g.key
+        for m in re.finditer(rf"\b{k.size} {k.colour} {noun(k.shape, g.count)}\b", text):
+            found.append((m.end(), g))
+    return sorted(found, key=lambda item: item[0])
 
 
 def _join(items: list[str], rng: random.Random) -> str:

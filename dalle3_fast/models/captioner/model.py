@@ -181,13 +181,16 @@ class CoCa(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(self, images: torch.Tensor, token_ids: torch.Tensor, lengths: torch.Tensor | None = None, *,
-                pad_mask: torch.Tensor | None = None, token_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                pad_mask: torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
+                return_decoder_hidden: bool = False) -> dict[str, torch.Tensor]:
         """The CoCa loss. images (B, 3, S, S) in [-1, 1]; token_ids (B, T) BOS ... EOS right-padded, with
         ``lengths`` (B,) or ``pad_mask`` (B, T, True at pads); ``token_weights`` (vocab_size,) weighs each
         target token in the captioning loss (default: all 1).
 
         Returns dict(loss, contrastive, caption, logit_scale); loss = contrastive_weight * contrastive +
-        caption_weight * caption.
+        caption_weight * caption. ``return_decoder_hidden`` adds ``decoder_hidden`` (B, T - 1, text_width): the
+        multimodal decoder's final hidden state at each input position (position t has read tokens <= t), for
+        auxiliary heads.
         """
         lengths = self._lengths(token_ids, lengths, pad_mask)
         images = self.prepare_images(images, check_range=False)
@@ -195,7 +198,8 @@ class CoCa(nn.Module):
             raise ValueError(f"CoCa: {images.shape[0]} images but {token_ids.shape[0]} token rows")
         image_emb, image_tokens = self.image_features(images)
         text_emb, hidden = self.text_features(token_ids, lengths)
-        logits = self.multimodal(hidden[:, :-1], self.multimodal.image_kv(image_tokens))
+        decoder_hidden = self.multimodal.hidden_states(hidden[:, :-1], self.multimodal.image_kv(image_tokens))
+        logits = self.multimodal.lm_head(decoder_hidden)
         scale = self.logit_scale.clamp(max=self.config.max_logit_scale).exp()
         contrastive = contrastive_loss(F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1), scale)
         if token_weights is not None and token_weights.shape != (self.config.vocab_size,):
@@ -203,8 +207,11 @@ class CoCa(nn.Module):
                              f"got {tuple(token_weights.shape)}")
         caption = caption_loss(logits, token_ids, lengths, token_weights)
         loss = self.config.contrastive_weight * contrastive + self.config.caption_weight * caption
-        return {"loss": loss, "contrastive": contrastive.detach(), "caption": caption.detach(),
-                "logit_scale": scale.detach()}
+        out = {"loss": loss, "contrastive": contrastive.detach(), "caption": caption.detach(),
+               "logit_scale": scale.detach()}
+        if return_decoder_hidden:
+            out["decoder_hidden"] = decoder_hidden
+        return out
 
     def loss(self, images, token_ids, lengths=None, *, pad_mask=None, token_weights=None) -> dict[str, torch.Tensor]:
         """Same as calling the model (use the call, not this, under DistributedDataParallel)."""

@@ -49,12 +49,16 @@ class MultimodalDecoder(nn.Module):
         """Each layer's cross-attention keys/values of the image tokens, computed once per image batch."""
         return [block.cross_attn.context_kv(image_tokens) for block in self.blocks]
 
-    def forward(self, text_hidden: torch.Tensor, image_kv, caches: list[LayerCache] | None = None) -> torch.Tensor:
-        """Unimodal hidden states (B, T, C) -> next-token logits (B, T, vocab)."""
+    def hidden_states(self, text_hidden: torch.Tensor, image_kv, caches: list[LayerCache] | None = None) -> torch.Tensor:
+        """Unimodal hidden states (B, T, C) -> the final normalized hidden states (B, T, C) the LM head reads."""
         x = text_hidden
         for i, block in enumerate(self.blocks):
             if caches:
                 x = block(x, caches[i], image_kv[i])
             else:
                 x = checkpointed(block, self.gradient_checkpointing, x, None, image_kv[i])
-        return self.lm_head(self.ln_final(x))
+        return self.ln_final(x)
+
+    def forward(self, text_hidden: torch.Tensor, image_kv, caches: list[LayerCache] | None = None) -> torch.Tensor:
+        """Unimodal hidden states (B, T, C) -> next-token logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(text_hidden, image_kv, caches))

@@ -37,6 +37,12 @@ class CaptionerTask(Task):
         # caption-loss weight of the tokens of these words (the rest weigh 1), e.g. {"left": 5, "above": 5}: rare
         # words that decide a caption's truth (spatial relations) get more of the gradient
         caption_word_weights: dict = field(default_factory=dict)
+        # grounding loss weight (0: off): at the last token of every mention of a scene-world object group in the
+        # caption ("... the small red circle"), a linear head on the text decoder's hidden state regresses that
+        # group's centre (x, y in [-1, 1]), so the decoder learns to look up where what it names is, which
+        # relations need. Needs records with a scene graph (world data or world shards); training only: the
+        # exported captioner has no head
+        grounding_weight: float = 0.0
 
     def build_model(self) -> nn.Module:
         o = self.options
@@ -59,7 +65,9 @@ class CaptionerTask(Task):
             raise ValueError("activation_checkpointing: the CoCa captioner has no checkpointing switch; set it false")
         self.tokenizer, self._max_len = model.tokenizer, model.config.max_text_len
         self._token_weights = self._word_weights(model.config.vocab_size)
-        return model
+        if o.grounding_weight < 0:
+            raise ValueError(f"task_options.grounding_weight must be >= 0, got {o.grounding_weight}")
+        return GroundedCaptioner(model) if o.grounding_weight else model
 
     def _word_weights(self, vocab_size: int) -> torch.Tensor | None:
         words = self.options.caption_word_weights
@@ -100,13 +108,53 @@ class CaptionerTask(Task):
                                      "set task_options.caption_key to one the data has")
                 texts.append(r[o.caption_key])
             tokens = self.tokenizer.encode(texts, max_length=self._max_len, add_bos=True, add_eos=True)
-            yield {"image": batch["image"], "ids": tokens.ids, "lengths": tokens.lengths}
+            out = {"image": batch["image"], "ids": tokens.ids, "lengths": tokens.lengths}
+            if o.grounding_weight:
+                out["ground_mask"], out["ground_xy"] = self._grounding_targets(batch["records"], texts,
+                                                                               tokens.ids.shape[1])
+            yield out
 
-    def loss(self, model: CoCa, batch):
-        out = model(batch["image"], batch["ids"], batch["lengths"], token_weights=self._token_weights)
-        return out["loss"], {"contrastive": out["contrastive"], "caption": out["caption"]}
+    def _grounding_targets(self, records, texts, T):
+        """(mask (B, T - 1), centres (B, T - 1, 2)): at the decoder position that has just read a mention's last
+        token, the mentioned group's centre in [-1, 1]."""
+        from dalle3_fast.data.world import SceneGraph
+        from dalle3_fast.data.world.captions import group_mentions
 
-    def sample(self, model: CoCa, step):
+        mask = torch.zeros(len(texts), T - 1, dtype=torch.bool)
+        xy = torch.zeros(len(texts), T - 1, 2)
+        for i, (record, text) in enumerate(zip(records, texts)):
+            if not isinstance(record.get("graph"), dict):
+                raise ValueError(f"task_options.grounding_weight needs a scene graph in every record; sample "
+                                 f"{record.get('key', '?')!r} has none (train on world data or world shards, or set "
+                                 "grounding_weight to 0)")
+            graph = SceneGraph.from_dict(record["graph"])
+            for end, group in group_mentions(text, graph):
+                members = [o for o in graph.objects if o.key() == group.key]
+                # the BOS-prefixed tokens of the text up to the mention: the decoder reads its last one at L - 1
+                L = int(self.tokenizer.encode([text[:end]], max_length=self._max_len, add_bos=True,
+                                              add_eos=False).lengths[0])
+                if L - 1 < T - 1:
+                    mask[i, L - 1] = True
+                    xy[i, L - 1, 0] = sum(o.cx for o in members) / len(members) / graph.width * 2 - 1
+                    xy[i, L - 1, 1] = sum(o.cy for o in members) / len(members) / graph.height * 2 - 1
+        return mask, xy
+
+    def loss(self, model, batch):
+        coca = _coca(model)
+        out = coca(batch["image"], batch["ids"], batch["lengths"], token_weights=self._token_weights,
+                   return_decoder_hidden=bool(self.options.grounding_weight))
+        logs = {"contrastive": out["contrastive"], "caption": out["caption"]}
+        if not self.options.grounding_weight:
+            return out["loss"], logs
+        mask = batch["ground_mask"].to(out["decoder_hidden"].device)
+        predicted = model.grounding_head(out["decoder_hidden"][mask])
+        target = batch["ground_xy"].to(predicted.device, predicted.dtype)[mask]
+        ground = (predicted - target).pow(2).mean() if mask.any() else predicted.sum() * 0.0
+        logs["ground"] = ground.detach()
+        return out["loss"] + self.options.grounding_weight * ground, logs
+
+    def sample(self, model, step):
+        model = _coca(model)
         model.eval()
         # world: a far-off batch no run trains on; shards: the first batch (skipping far would read every shard)
         start = 10_000_000 if self.options.data == "world" else 0
@@ -120,5 +168,18 @@ class CaptionerTask(Task):
                 f.write("\n".join(lines) + "\n")
         return to_unit(images)
 
-    def export(self, model: CoCa, directory: Path):
-        model.save_pretrained(directory)
+    def export(self, model, directory: Path):
+        _coca(model).save_pretrained(directory)
+
+
+class GroundedCaptioner(nn.Module):
+    """A CoCa captioner with the grounding head the ``grounding_weight`` loss trains (x, y of a named group)."""
+
+    def __init__(self, coca: CoCa):
+        super().__init__()
+        self.coca = coca
+        self.grounding_head = nn.Linear(coca.config.text_width, 2)
+
+
+def _coca(model: nn.Module) -> CoCa:
+    return model.coca if isinstance(model, GroundedCaptioner) else model

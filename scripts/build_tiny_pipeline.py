@@ -15,8 +15,8 @@ when the command is run again, and an interrupted training stage resumes from it
                    scripts/train_captioners.py's data stage to WORK/captioners/data/train;
 3. ``captioners``: the rest of scripts/train_captioners.py into WORK/captioners: the DSC captioner (a
                    tiny CoCa, conv stem, trained on the world's descriptive captions drawn on the fly), its
-                   text decoder deepened to 4 multimodal layers and fine-tuned (the shipped captioner's
-                   recipe), and the SSC fine-tune of that on the first ``--finetune-shards`` shards,
+                   text decoder deepened to 4 multimodal layers and fine-tuned with the grounding loss
+                   (the shipped captioner's recipe), and the SSC fine-tune of that on the first ``--finetune-shards`` shards,
                    exported to WORK/captioners/export/{dsc,ssc};
 4. ``recaption``:  ``python -m dalle3_fast.recaption`` with that DSC captioner over the whole training set,
                    as a user would on their own shards: WORK/recaptioned/ holds the same shards plus a
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vae-widen-steps", type=int, default=800,
                    help="fine-tuning steps of the widened VAE (batch 16; only with --vae-latent-channels > 4)")
     p.add_argument("--dsc-steps", type=int, default=6000, help="DSC captioner steps (batch 32)")
-    p.add_argument("--deepen-steps", type=int, default=3000,
+    p.add_argument("--deepen-steps", type=int, default=6000,
                    help="fine-tuning steps of the DSC captioner deepened to 4 multimodal layers (batch 32)")
     p.add_argument("--ssc-steps", type=int, default=300, help="SSC captioner fine-tune steps (batch 32)")
     p.add_argument("--unet-steps", type=int, default=4000,

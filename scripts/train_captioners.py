@@ -10,8 +10,9 @@ Stages (a stage whose result is already under ``--work`` is skipped, so the comm
                   descriptive captions, contrastive + captioning loss (configs/captioner_world_dsc.json:
                   world seed 0 drawn on the fly, the same world the shards hold, so no image repeats);
 3. ``deepen``:    that captioner's text decoder grown from 2 to 4 multimodal layers (the new ones start as
-                  identities) and fine-tuned on the same stream (configs/captioner_world_deepen.json): the
-                  shipped DSC captioner; it is what ``export`` writes as ``dsc``;
+                  identities) and fine-tuned on the same stream with the grounding loss (each named group's
+                  centre regressed from the decoder's state at its mention) and spatial words weighted 5x
+                  (configs/captioner_world_deepen.json); it is what ``export`` writes as ``dsc``;
 4. ``ssc``:       the short-caption (SSC) captioner: the deepened DSC one fine-tuned on the short captions of
                   the first 2 shards (configs/captioner_world_ssc.json);
 5. ``pretrain``:  (not run unless named) a CoCa pre-trained on the shards' alt-text only

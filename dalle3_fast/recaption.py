@@ -97,7 +97,7 @@ class RecaptionReport:
         return lines
 
 
-DEFAULT_CAPTIONER = Path(__file__).resolve().parent / "assets" / "captioner_dsc"
+DEFAULT_CAPTIONERS = {style: Path(__file__).resolve().parent / "assets" / f"captioner_{style}" for style in ("dsc", "ssc")}
 
 
 def load_captioner(directory, device: torch.device):
@@ -279,9 +279,9 @@ def recaption(model, shards: str | list[str], output, *, style: str = "dsc", bat
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dalle3_fast.recaption", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--captioner", default=str(DEFAULT_CAPTIONER),
-                   help="captioner directory written by CoCa.save_pretrained (default: the embedded tiny DSC "
-                        "captioner trained on the scene world, dalle3_fast/assets/captioner_dsc)")
+    p.add_argument("--captioner", default=None,
+                   help="captioner directory written by CoCa.save_pretrained (default: the embedded tiny captioner "
+                        "of --style trained on the scene world, dalle3_fast/assets/captioner_dsc or captioner_ssc)")
     p.add_argument("--input", required=True, help="input shards, brace-expanded: 'data/{000000..000099}.tar'")
     p.add_argument("--output", required=True, help="output directory; shards keep the input's file names")
     p.add_argument("--style", choices=STYLES, default="dsc",
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             torch.distributed.init_process_group(backend)
-        model = load_captioner(args.captioner, device)
+        model = load_captioner(args.captioner or DEFAULT_CAPTIONERS[args.style], device)
         report = recaption(model, shards, args.output, style=args.style, batch_size=args.batch_size,
                            max_new_tokens=args.max_tokens, method=args.method, num_beams=args.num_beams,
                            top_p=args.top_p, temperature=args.temperature, seed=args.seed, dtype=dtype,

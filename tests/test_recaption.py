@@ -185,3 +185,19 @@ def test_prefetch_keeps_order_and_reraises():
 
     with pytest.raises(KeyError, match="decoder died"):
         list(_prefetch(failing()))
+
+
+@pytest.mark.parametrize("style", ["dsc", "ssc"])
+def test_default_captioner_is_the_embedded_one_of_the_style(tmp_path, style):
+    from dalle3_fast.data.world import parse_caption
+
+    spec = write_input(tmp_path / "in", 1, 3)  # 32x32 images; the captioner resizes them to its 64
+    assert main(["--input", spec, "--output", str(tmp_path / "out"), "--style", style]) == 0
+    samples, _ = read_all(str(tmp_path / "out" / "000000.tar"))
+    captions = [s.text(style) for s in samples.values()]
+    assert len(captions) == 3
+    groups = [parse_caption(c).groups() for c in captions]
+    if style == "ssc":  # the SSC captioner names the main subject only
+        assert all(len(g) == 1 and len(c.split()) < 12 for g, c in zip(groups, captions)), captions
+    else:  # the DSC one also writes the background
+        assert all(g and parse_caption(c).background for g, c in zip(groups, captions)), captions

@@ -197,15 +197,15 @@ def test_other_clis_exit_2(pipe_dir, tmp_path, cli, capsys):
 
 
 def test_captioner_refuses_damage(tmp_path):
-    from dalle3_fast.recaption import DEFAULT_CAPTIONER, load_captioner
+    from dalle3_fast.recaption import DEFAULT_CAPTIONERS, load_captioner
 
     d = tmp_path / "cap"
-    shutil.copytree(DEFAULT_CAPTIONER, d)
+    shutil.copytree(DEFAULT_CAPTIONERS["dsc"], d)
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or not safetensors"):
         load_captioner(d, torch.device("cpu"))
     shutil.rmtree(d)
-    shutil.copytree(DEFAULT_CAPTIONER, d)
+    shutil.copytree(DEFAULT_CAPTIONERS["dsc"], d)
     (d / "tokenizer" / "spiece.model").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="spiece.model"):
         load_captioner(d, torch.device("cpu"))

@@ -97,7 +97,7 @@ class RecaptionReport:
         return lines
 
 
-DEFAULT_CAPTIONERS = {style: Path(__file__).resolve().parent / "assets" / f"captioner_{style}" for style in ("dsc", "ssc")}
+DEFAULT_CAPTIONERS = {style: Path(__file__).resolve().parent / "assets" / f"captioner_{style}" for style in STYLES}
 
 
 def load_captioner(directory, device: torch.device):

@@ -128,15 +128,19 @@ class CaptionerTask(Task):
                                  f"{record.get('key', '?')!r} has none (train on world data or world shards, or set "
                                  "grounding_weight to 0)")
             graph = SceneGraph.from_dict(record["graph"])
-            for end, group in group_mentions(text, graph):
-                members = [o for o in graph.objects if o.key() == group.key]
-                # the BOS-prefixed tokens of the text up to the mention: the decoder reads its last one at L - 1
-                L = int(self.tokenizer.encode([text[:end]], max_length=self._max_len, add_bos=True,
-                                              add_eos=False).lengths[0])
+            mentions = group_mentions(text, graph)
+            if not mentions:
+                continue
+            centres = {}
+            for o in graph.objects:
+                centres.setdefault(o.key(), []).append((o.cx / graph.width * 2 - 1, o.cy / graph.height * 2 - 1))
+            # the BOS-prefixed tokens of the text up to each mention: the decoder reads the last one at L - 1
+            prefixes = self.tokenizer.encode([text[:end] for end, _ in mentions], max_length=self._max_len,
+                                             add_bos=True, add_eos=False)
+            for L, (_, group) in zip(prefixes.lengths.tolist(), mentions):
                 if L - 1 < T - 1:
                     mask[i, L - 1] = True
-                    xy[i, L - 1, 0] = sum(o.cx for o in members) / len(members) / graph.width * 2 - 1
-                    xy[i, L - 1, 1] = sum(o.cy for o in members) / len(members) / graph.height * 2 - 1
+                    xy[i, L - 1] = torch.tensor(centres[group.key]).mean(0)
         return mask, xy
 
     def loss(self, model, batch):
@@ -146,10 +150,11 @@ class CaptionerTask(Task):
         logs = {"contrastive": out["contrastive"], "caption": out["caption"]}
         if not self.options.grounding_weight:
             return out["loss"], logs
-        mask = batch["ground_mask"].to(out["decoder_hidden"].device)
-        predicted = model.grounding_head(out["decoder_hidden"][mask])
-        target = batch["ground_xy"].to(predicted.device, predicted.dtype)[mask]
-        ground = (predicted - target).pow(2).mean() if mask.any() else predicted.sum() * 0.0
+        hidden = out["decoder_hidden"]
+        targets = int(batch["ground_mask"].sum())  # counted on the host: no device sync
+        # the head runs on every position and the mask weighs them, so no boolean indexing (a sync on a GPU)
+        error = (model.grounding_head(hidden) - batch["ground_xy"].to(hidden.device, hidden.dtype)).pow(2)
+        ground = (error * batch["ground_mask"].to(hidden.device).unsqueeze(-1)).sum() / (2 * max(targets, 1))
         logs["ground"] = ground.detach()
         return out["loss"] + self.options.grounding_weight * ground, logs
 
